@@ -1,0 +1,103 @@
+"""Per-token log-probabilities, entropy and masked reductions: the trainer's side of every loss.
+
+Two facts every script relies on:
+- The sampler draws from softmax(z / T). The trainer must score that same distribution, so
+  logits are divided by the sampling temperature *before* log-softmax (a known peer bug is
+  to forget this; the importance ratio is then wrong from the first step).
+- With left padding, position ids must come from the attention mask, as `generate` does:
+  otherwise a padded prompt shifts every rotary position and changes the logprobs.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (0 where the mask is empty, never NaN)."""
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the valid positions."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over valid positions; `shift_mean=False` only rescales."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[index] without materialising the (B, T, V) log-softmax.
+
+    logits (B, T, V), index (B, T) -> (B, T). In fp32 this is gather - logsumexp; in bf16
+    logsumexp loses precision, so rows are done one at a time in fp32 instead.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    rows = [F.log_softmax(row.float(), -1).gather(-1, i.unsqueeze(-1)).squeeze(-1) for row, i in zip(logits, index)]
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+    """H = logsumexp(z) - sum_v softmax(z)_v z_v, per position: (B, T, V) -> (B, T).
+
+    Chunked over the batch so a large vocabulary never holds more than one chunk of fp32
+    probabilities. Entropy is a diagnostic (and a bonus term): callers detach it when they
+    only log it.
+    """
+    out = []
+    for chunk in logits.split(chunk_size, dim=0):
+        chunk = chunk.float()
+        probs = torch.softmax(chunk, dim=-1)
+        out.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1))
+    return torch.cat(out, dim=0)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens: left padding does not shift them. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | x, y_<t) / T-scaled, for each completion token, and optionally its entropy.
+
+    prompt_ids, prompt_mask (B, P) left-padded; completion_ids, completion_mask (B, C)
+    right-padded. Returns logprobs (B, C) and entropy (B, C) or None; values at masked
+    positions are meaningless and must be masked by the caller.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + C)
+    num_completion = completion_ids.shape[1]
+    # logits_to_keep: only the C positions that predict completion tokens (+1, dropped below)
+    # are projected onto the vocabulary; the prompt's logits are never built.
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=num_completion + 1,
+        use_cache=False,
+    ).logits  # (B, C + 1, V)
+    logits = logits[:, :-1, :] / temperature  # position t predicts completion token t: (B, C, V)
+    logprobs = selective_log_softmax(logits, completion_ids)  # (B, C)
+    entropy = None
+    if with_entropy:
+        entropy = entropy_from_logits(logits)  # (B, C)
+    return logprobs, entropy

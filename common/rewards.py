@@ -1,0 +1,191 @@
+"""Verifiable rewards. Every function here takes model output and never raises.
+
+A verifier returns `(score, reason)`: score in [0, 1], reason one of REASONS, so a run can
+log *why* completions got nothing (no answer at all vs. a wrong one vs. malformed text).
+Format and length terms are separate functions with separate weights, logged separately
+(ALGORITHMS.md section 6).
+
+Answer equivalence is the hard part: "1,234" == "1234", "96%" == "96", "$4.50" == "4.5",
+"3/4" == "0.75". Numbers are normalised and compared with a relative tolerance; for math,
+`math-verify` is used when it is installed (it knows LaTeX, pi, sets, ...).
+"""
+
+import ast
+import math
+import re
+from collections import Counter
+
+REASONS = ("correct", "wrong", "no_answer", "malformed")
+MAX_TEXT = 10_000  # longer model output is cut before parsing: regexes stay linear and fast
+MAX_DIGITS = 100  # a "number" with more digits than this is not an answer, it is noise
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+(?:\.\d+)?)?|-?\.\d+")
+
+
+def parse_number(text: str) -> float | None:
+    """Parse one number, forgiving the ways people write them; None if it is not one.
+
+    >>> parse_number("1,234"), parse_number("96%"), parse_number("$4.50"), parse_number("3/4")
+    (1234.0, 96.0, 4.5, 0.75)
+    """
+    if not isinstance(text, str):
+        return None
+    s = text.strip()[:200]
+    s = re.sub(r"^\\?\$|\\?%$|%$|\s*(dollars?|cents?|units?)$", "", s).strip()
+    s = s.replace("\\!", "").replace("{,}", "").replace(",", "").replace(" ", "")
+    frac = re.fullmatch(r"\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s)
+    if frac:
+        s = f"{frac.group(1)}/{frac.group(2)}"
+    if len(s) > MAX_DIGITS or not re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(/-?(\d+(\.\d*)?|\.\d+))?", s):
+        return None
+    try:
+        if "/" in s:
+            num, den = s.split("/")
+            return float(num) / float(den) if float(den) != 0 else None
+        value = float(s)
+    except (ValueError, OverflowError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def numbers_equal(a: float, b: float, rel_tol: float = 1e-6) -> bool:
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} with balanced braces; None if absent or unbalanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{") - 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer a completion commits to: \\boxed{}, else after '####', else the last number."""
+    text = text[-MAX_TEXT:]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().split("\n")[0]
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def number_verifier(completion: str, answer: str) -> tuple[float, str]:
+    """The completion's final number equals the reference number (the arithmetic tasks)."""
+    if not isinstance(completion, str) or not completion.strip():
+        return 0.0, "no_answer"
+    found = extract_answer(completion)
+    if found is None:
+        return 0.0, "no_answer"
+    value, ref = parse_number(found), parse_number(answer)
+    if value is None or ref is None:
+        return 0.0, "malformed"
+    return (1.0, "correct") if numbers_equal(value, ref) else (0.0, "wrong")
+
+
+def math_verifier(completion: str, answer: str) -> tuple[float, str]:
+    """GSM8K/MATH: numeric comparison first; math-verify (if installed) for symbolic answers."""
+    score, reason = number_verifier(completion, answer)
+    if reason != "malformed":
+        return score, reason
+    try:
+        from math_verify import parse, verify  # optional dependency
+
+        return (1.0, "correct") if verify(parse(answer), parse(completion[-MAX_TEXT:])) else (0.0, "wrong")
+    except Exception:  # not installed, or it choked on the text: the numeric verdict stands
+        return score, reason
+
+
+def _evaluate_arithmetic(node):
+    """Evaluate an AST of integers and + - * / only; anything else raises ValueError."""
+    if isinstance(node, ast.Expression):
+        return _evaluate_arithmetic(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        left, right = _evaluate_arithmetic(node.left), _evaluate_arithmetic(node.right)
+        if isinstance(node.op, ast.Add):
+            return left + right
+        if isinstance(node.op, ast.Sub):
+            return left - right
+        if isinstance(node.op, ast.Mult):
+            return left * right
+        if right == 0:
+            raise ValueError("division by zero")
+        return left / right
+    raise ValueError(f"not allowed: {type(node).__name__}")
+
+
+def countdown_verifier(completion: str, answer: str) -> tuple[float, str]:
+    """The completion is an expression using each given number exactly once that hits the target.
+
+    `answer` is "a b c->target". Only digits, + - * / ( ) and spaces are allowed.
+    """
+    try:
+        numbers_text, target_text = answer.split("->")
+        numbers, target = sorted(int(n) for n in numbers_text.split()), int(target_text)
+    except ValueError:
+        return 0.0, "malformed"  # a broken reference is not the model's fault, but must not crash
+    if not isinstance(completion, str):
+        return 0.0, "no_answer"
+    expression = completion.strip().split("\n")[0][:100]
+    if not expression:
+        return 0.0, "no_answer"
+    if not re.fullmatch(r"[\d+\-*/() ]+", expression):
+        return 0.0, "malformed"
+    if sorted(int(n) for n in re.findall(r"\d+", expression)) != numbers:
+        return 0.0, "wrong"
+    try:
+        value = _evaluate_arithmetic(ast.parse(expression, mode="eval"))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0.0, "malformed"
+    return (1.0, "correct") if abs(value - target) < 1e-9 else (0.0, "wrong")
+
+
+VERIFIERS = {"number": number_verifier, "math": math_verifier, "countdown": countdown_verifier}
+
+
+def format_reward(completion: str, ended_with_eos: bool) -> float:
+    """1 if the completion stopped by itself (EOS) and committed to an answer, else 0."""
+    if not isinstance(completion, str):
+        return 0.0
+    return float(ended_with_eos and extract_answer(completion) is not None)
+
+
+def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
+    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13):
+    0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache up to L_max; -1 beyond."""
+    if length <= max_len - cache_len:
+        return 0.0
+    if length <= max_len:
+        return ((max_len - cache_len) - length) / cache_len
+    return -1.0
+
+
+def score_completions(
+    verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0
+) -> tuple[list[float], dict[str, list[float]], Counter]:
+    """Total reward per completion = correctness + format_weight * format.
+
+    Returns (rewards, terms, reasons): `terms` holds each term per completion, to log
+    separately; `reasons` counts why correctness was what it was.
+    """
+    verify = VERIFIERS[verifier]
+    correct, formatted, reasons = [], [], Counter()
+    for completion, answer, eos in zip(completions, answers, ended_with_eos):
+        score, reason = verify(completion, answer)
+        correct.append(score)
+        reasons[reason] += 1
+        formatted.append(format_reward(completion, eos))
+    rewards = [c + format_weight * f for c, f in zip(correct, formatted)]
+    return rewards, {"correct": correct, "format": formatted}, reasons

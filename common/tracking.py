@@ -1,0 +1,80 @@
+"""Logging: `runs/<run_name>/metrics.jsonl` always, TensorBoard by default, wandb with --track.
+
+metrics.jsonl is the contract every script keeps (plots, docs and checks read it):
+one JSON object per optimizer step, `{"step": int, "loss": float, ...}`, and after training
+one `{"event": "eval", "step": int, "accuracy": ..., "pass@1": ..., "pass@2": ...,
+"pass@4": ..., "pass@8": ...}` record.
+"""
+
+import json
+import math
+import os
+import sys
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # 0-d tensors and numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/inf; null says "undefined" honestly
+    return value
+
+
+class RunLogger:
+    """Writes each step's metrics to metrics.jsonl, TensorBoard and (optionally) wandb."""
+
+    def __init__(self, run_dir: str, config: dict, tensorboard: bool = True, wandb_project: str | None = None,
+                 resume_step: int | None = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            # Steps after the checkpoint will be redone: drop their records so each step appears once.
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                        and json.loads(line).get("event") != "eval"]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(config, f, indent=2, default=str)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(run_dir)
+            self.tb.add_text("args", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                sys.exit("error: --track needs wandb: pip install wandb (or drop --track).")
+            self.wandb = wandb.init(project=wandb_project, name=os.path.basename(run_dir), config=config,
+                                    dir=run_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict):
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if self.tb is not None and isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """All records of a run's metrics.jsonl (steps and the eval record)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def print_config(config: dict):
+    width = max(len(k) for k in config)
+    print("\n".join(f"  {k:<{width}}  {v}" for k, v in config.items()))
