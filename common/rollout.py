@@ -131,3 +131,43 @@ def generate(engine, model, tokenizer, prompts, n=1, temperature=1.0, max_new_to
     if engine is None:
         return generate_hf(model, tokenizer, prompts, n, temperature, max_new_tokens, top_p, eos_ids)
     return engine.generate(prompts, n, temperature, max_new_tokens, top_p)
+
+
+def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    pad = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Stack several Rollout batches into one (prompts re-padded on the left, completions on
+    the right); prompt_index is offset so that groups stay distinct."""
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
+    C = max(r.completion_ids.shape[1] for r in rollouts)
+    offsets, total = [], 0
+    for r in rollouts:
+        offsets.append(total)
+        total += int(r.prompt_index.max()) + 1 if len(r.prompt_index) else 0
+    return Rollout(
+        prompt_ids=torch.cat([_pad_to(r.prompt_ids, P, pad_token_id, True) for r in rollouts]),
+        prompt_mask=torch.cat([_pad_to(r.prompt_mask, P, 0, True) for r in rollouts]),
+        completion_ids=torch.cat([_pad_to(r.completion_ids, C, pad_token_id, False) for r in rollouts]),
+        completion_mask=torch.cat([_pad_to(r.completion_mask, C, 0, False) for r in rollouts]),
+        sampler_logprobs=torch.cat([_pad_to(r.sampler_logprobs, C, 0.0, False) for r in rollouts]),
+        is_eos=torch.cat([r.is_eos for r in rollouts]),
+        prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets)]),
+        completions=[c for r in rollouts for c in r.completions],
+    )
+
+
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The sub-batch of the given row indices (e.g. the groups that dynamic sampling keeps)."""
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[rows],
+        prompt_mask=rollout.prompt_mask[rows],
+        completion_ids=rollout.completion_ids[rows],
+        completion_mask=rollout.completion_mask[rows],
+        sampler_logprobs=rollout.sampler_logprobs[rows],
+        is_eos=rollout.is_eos[rows],
+        prompt_index=rollout.prompt_index[rows],
+        completions=[rollout.completions[i] for i in rows.tolist()],
+    )

@@ -45,6 +45,21 @@ class Task:
     max_new_tokens: int = 8
     """a sensible completion budget for this task"""
 
+    @property
+    def prompts(self) -> Dataset:
+        """The train split with one row per distinct question: what RL samples prompts from.
+
+        (SFT data can hold several demonstrations per question; RL needs each prompt once.)
+        """
+        if not hasattr(self, "_prompts"):
+            seen, keep = set(), []
+            for i, question in enumerate(self.train["question"]):
+                if question not in seen:
+                    seen.add(question)
+                    keep.append(i)
+            self._prompts = self.train.select(keep).select_columns(["question", "answer"])
+        return self._prompts
+
 
 # ---------------------------------------------------------------------------------------
 # Synthetic arithmetic (offline, the default world)
