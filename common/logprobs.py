@@ -5,7 +5,8 @@ Two facts every script relies on:
   logits are divided by the sampling temperature *before* log-softmax (a known peer bug is
   to forget this; the importance ratio is then wrong from the first step).
 - With left padding, position ids must come from the attention mask, as `generate` does:
-  otherwise a padded prompt shifts every rotary position and changes the logprobs.
+  otherwise a padded prompt shifts every position. For rotary models (Llama, Qwen) that
+  changes logprobs only at rounding level; for absolute positions (GPT-2) it is wrong.
 """
 
 import torch
@@ -29,7 +30,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over valid positions; `shift_mean=False` only rescales."""
+    """(x - mean) / std over valid positions; `shift_mean=False` adds the mean back (as TRL does)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean

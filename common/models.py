@@ -100,8 +100,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def looks_like_path(name: str) -> bool:
-    """A hub id is `org/name` with no leading `.`/`/` and no existing file; anything else is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name)
+    """A hub id is `org/name`; it is a local path if it exists, starts with `.`, `/`, `~`, has
+    another number of slashes, or its first part is a local folder or `runs` (our run folders):
+    `runs/sft` before `python sft.py` must say "no such folder", not query the hub."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name)
+            or first == "runs" or os.path.isdir(first))
 
 
 def load_model_and_tokenizer(name: str, device: torch.device, dtype: torch.dtype, hint: str = ""):

@@ -28,9 +28,9 @@ def parse_number(text: str) -> float | None:
     >>> parse_number("1,234"), parse_number("96%"), parse_number("$4.50"), parse_number("3/4")
     (1234.0, 96.0, 4.5, 0.75)
     """
-    if not isinstance(text, str):
+    if not isinstance(text, str) or len(text) > 200:  # judge the whole text, never a prefix
         return None
-    s = text.strip()[:200]
+    s = text.strip()
     s = re.sub(r"^\\?\$|\\?%$|%$|\s*(dollars?|cents?|units?)$", "", s).strip()
     s = s.replace("\\!", "").replace("{,}", "").replace(",", "").replace(" ", "")
     frac = re.fullmatch(r"\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s)
@@ -138,9 +138,11 @@ def countdown_verifier(completion: str, answer: str) -> tuple[float, str]:
         return 0.0, "malformed"  # a broken reference is not the model's fault, but must not crash
     if not isinstance(completion, str):
         return 0.0, "no_answer"
-    expression = completion.strip().split("\n")[0][:100]
+    expression = completion.strip().split("\n")[0]
     if not expression:
         return 0.0, "no_answer"
+    if len(expression) > 100:  # judged whole or not at all: a cut line could hide extra terms
+        return 0.0, "malformed"
     if not re.fullmatch(r"[\d+\-*/() ]+", expression):
         return 0.0, "malformed"
     if sorted(int(n) for n in re.findall(r"\d+", expression)) != numbers:
@@ -159,7 +161,8 @@ def format_reward(completion: str, ended_with_eos: bool) -> float:
     """1 if the completion stopped by itself (EOS) and committed to an answer, else 0."""
     if not isinstance(completion, str):
         return 0.0
-    return float(ended_with_eos and extract_answer(completion) is not None)
+    answer = extract_answer(completion)
+    return float(ended_with_eos and answer is not None and answer.strip() != "")
 
 
 def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
@@ -182,7 +185,7 @@ def score_completions(
     """
     verify = VERIFIERS[verifier]
     correct, formatted, reasons = [], [], Counter()
-    for completion, answer, eos in zip(completions, answers, ended_with_eos):
+    for completion, answer, eos in zip(completions, answers, ended_with_eos, strict=True):
         score, reason = verify(completion, answer)
         correct.append(score)
         reasons[reason] += 1

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from common.logprobs import (
     completion_logprobs,
@@ -16,6 +17,7 @@ from common.logprobs import (
     masked_sum,
     masked_var,
     masked_whiten,
+    position_ids_from_mask,
     selective_log_softmax,
 )
 from common.rollout import completion_mask_from_ids, generate_hf
@@ -100,7 +102,33 @@ def test_completion_logprobs_temperature_changes_the_result(tiny_model, tokenize
     assert (a - b).abs().max() > 1e-3
 
 
-def test_completion_logprobs_are_invariant_to_left_padding(tiny_model, tokenizer):
+@pytest.fixture(scope="module")
+def tiny_gpt2(tokenizer):
+    """A tiny GPT-2: learned *absolute* position embeddings.
+
+    Llama's rotary positions are relative: shifting every position of a sequence by the same
+    amount (what left padding does when position ids ignore the mask) leaves q.k unchanged in
+    exact arithmetic, so with Llama alone a wrong position id is invisible at fp32 tolerance.
+    With absolute positions it changes every logprob.
+    """
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "tiny_gpt2"])
+def test_completion_logprobs_are_invariant_to_left_padding(model_name, tokenizer, request):
+    model = request.getfixturevalue(model_name)
     short_prompt = ids_of(tokenizer, chat_prompt(tokenizer, "1+2"))
     long_prompt = ids_of(tokenizer, chat_prompt(tokenizer, "a much longer question: " + "7+8, " * 12))
     completion = ids_of(tokenizer, "3 is it") + [tokenizer.eos_token_id]
@@ -111,12 +139,23 @@ def test_completion_logprobs_are_invariant_to_left_padding(tiny_model, tokenizer
         p_ids, p_mask = left_pad(prompts, tokenizer.pad_token_id)
         c_ids, c_mask = right_pad(completions, tokenizer.pad_token_id)
         with torch.no_grad():
-            lp, _ = completion_logprobs(tiny_model, p_ids, p_mask, c_ids, c_mask, temperature=1.0)
+            lp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, temperature=1.0)
         return lp[0, : len(completions[0])]
 
     alone = logprobs_of_first_row([short_prompt], [completion])
     padded = logprobs_of_first_row([short_prompt, long_prompt], [completion, other_completion])
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    # ... and both are the naive unpadded reference
+    reference, _ = naive_token_logprobs(model, short_prompt, completion, 1.0)
+    torch.testing.assert_close(alone.double(), reference, atol=1e-5, rtol=0)
+
+
+def test_position_ids_count_only_real_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1]])
+    positions = position_ids_from_mask(mask)
+    for row in range(mask.shape[0]):
+        real = positions[row][mask[row].bool()].tolist()
+        assert real == list(range(int(mask[row].sum())))
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,8 +257,9 @@ def test_generate_hf_sampler_logprobs_match_trainer_and_masks_are_right(tiny_mod
     eos_ids = noisy_eos_ids(tokenizer)
     n, max_new_tokens = 3, 10
     torch.manual_seed(0)
-    r = generate_hf(tiny_model, tokenizer, prompts, n=n, temperature=temperature,
-                    max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    r = generate_hf(
+        tiny_model, tokenizer, prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids
+    )
     B = len(prompts) * n
     assert r.completion_ids.shape[0] == B and r.completion_mask.shape == r.completion_ids.shape
     assert r.prompt_index.tolist() == [i for i in range(len(prompts)) for _ in range(n)]
@@ -246,8 +286,9 @@ def test_generate_hf_sampler_logprobs_match_trainer_and_masks_are_right(tiny_mod
 
     # sampler logprobs == trainer logprobs at the same T, on valid tokens.
     with torch.no_grad():
-        trainer, _ = completion_logprobs(tiny_model, r.prompt_ids, r.prompt_mask, r.completion_ids,
-                                         r.completion_mask, temperature=temperature)
+        trainer, _ = completion_logprobs(
+            tiny_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, temperature=temperature
+        )
     valid = r.completion_mask.bool()
     torch.testing.assert_close(r.sampler_logprobs[valid], trainer[valid], atol=1e-4, rtol=0)
     # ... and both equal the naive per-sequence reference.
