@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from common.cli import arg_error, check, exact_div
-from common.evaluation import evaluate
+from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import completion_logprobs, masked_mean, masked_sum
 from common.models import eos_token_ids, load_model_and_tokenizer, pick_device, pick_dtype
 from common.rewards import overlong_penalty, score_completions
@@ -154,6 +154,8 @@ class Args:
     """held-out prompts in the final evaluation"""
     num_eval_samples: int = 8
     """samples per prompt at T = 1 for pass@k"""
+    eval_every: int = 25
+    """steps between quick greedy-accuracy checks on 64 held-out prompts (`eval_accuracy`); 0 = never"""
     save_every: int = 50
     """steps between resumable checkpoints"""
     device: str = "auto"
@@ -195,7 +197,7 @@ def parse_args(argv=None) -> Args:
 
 
 def validate(args: Args, max_new_tokens: int):
-    check(args.group_size >= 2, "group_size", "GRPO needs at least 2 completions per prompt (the baseline is their mean)")
+    check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
     check(args.temperature > 0, "temperature", "must be > 0 for sampling")
     check(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     check(0 < args.top_entropy_rho <= 1, "top_entropy_rho", "must be in (0, 1]")
@@ -500,15 +502,16 @@ def main(args: Args):
         logp_old = entropy_old = logp_ref = None
         with torch.no_grad():
             chunks = [slice(i, i + mb_size) for i in range(0, B, mb_size)]
-            score_args = lambda m, s, ent: completion_logprobs(  # noqa: E731
-                m, rollout.prompt_ids[s], rollout.prompt_mask[s], rollout.completion_ids[s],
-                rollout.completion_mask[s], args.temperature, with_entropy=ent)
             if need_old_pass:
-                outs = [score_args(model, s, True) for s in chunks]
-                logp_old = torch.cat([o[0] for o in outs])  # (B, C)
-                entropy_old = torch.cat([o[1] for o in outs])  # (B, C)
+                old_entropy = [completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
+                                                   rollout.completion_ids[s], rollout.completion_mask[s],
+                                                   args.temperature, with_entropy=True) for s in chunks]
+                logp_old = torch.cat([lp for lp, _ in old_entropy])  # (B, C)
+                entropy_old = torch.cat([h for _, h in old_entropy])  # (B, C)
             if ref_model is not None:
-                logp_ref = torch.cat([score_args(ref_model, s, False)[0] for s in chunks])  # (B, C)
+                logp_ref = torch.cat([completion_logprobs(ref_model, rollout.prompt_ids[s], rollout.prompt_mask[s],
+                                                          rollout.completion_ids[s], rollout.completion_mask[s],
+                                                          args.temperature)[0] for s in chunks])  # (B, C)
 
         # ---- 5. Update: num_epochs passes, num_minibatches optimizer steps each ----------------
         stats = {k: [] for k in ("loss", "clip_low", "clip_high", "kl", "entropy", "grad_norm", "mismatch",
@@ -520,8 +523,10 @@ def main(args: Args):
                 rows_mb = order[mb_start:mb_start + minibatch_size]
                 mask_mb = mask[rows_mb]
                 num_seqs, num_tokens = len(rows_mb), int(mask_mb.sum().clamp(min=1))
-                # Batch-level token selection is made once per minibatch, on detached old logprobs,
-                # so it does not depend on how the minibatch is cut into micro-batches.
+                # Batch-level token selection (Clip-Cov, KL-Cov, top-rho entropy) is made once per
+                # minibatch on the rollout-time logprobs/entropy, so it does not depend on how the
+                # minibatch is cut into micro-batches. (verl selects inside each micro-batch with the
+                # current logprobs; at r = 1 no token is "already clipped", hence the zeros below.)
                 keep_mb = torch.ones_like(mask_mb)
                 kl_cov_mb = None
                 adv_tokens = advantages[rows_mb].unsqueeze(-1).expand_as(mask_mb)  # (mb, C)
@@ -569,7 +574,7 @@ def main(args: Args):
         train_time = time.perf_counter() - train_start
 
         # ---- 6. Log -----------------------------------------------------------------------------
-        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         step_rewards = torch.cat(all_rewards)
         metrics = {
             "loss": mean(stats["loss"]),
@@ -597,6 +602,8 @@ def main(args: Args):
             "step_time": time.perf_counter() - step_start,
             **{f"reasons/{k}": v / num_scored for k, v in reason_counts.items()},
         }
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                              zero_std=f"{metrics['frac_zero_std_groups']:.2f}")

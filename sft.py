@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final_model
 from common.cli import arg_error, check, exact_div
-from common.evaluation import evaluate
+from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import completion_logprobs, masked_sum
 from common.models import (
     TINY,
@@ -43,8 +43,6 @@ from common.models import (
     pick_device,
     pick_dtype,
 )
-from common.rewards import score_completions
-from common.rollout import generate_hf
 from common.tasks import DEFAULT_TASK, encode_demonstrations, format_prompt, load_task, rows_at
 from common.tracking import RunLogger, print_config
 
@@ -193,13 +191,7 @@ def main(args: Args):
 
         # 3. A quick greedy accuracy on held-out prompts, so the bar shows learning, not just loss.
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            quick = task.test.select(range(min(64, len(task.test))))
-            greedy = generate_hf(model, tokenizer, [format_prompt(tokenizer, q, task.system_prompt)
-                                                    for q in quick["question"]], 1, 0.0, task.max_new_tokens,
-                                 eos_ids=eos_ids)
-            _, terms, _ = score_completions(task.verifier, greedy.completions, quick["answer"],
-                                            greedy.is_eos.tolist())
-            quick_accuracy = sum(terms["correct"]) / len(terms["correct"])
+            quick_accuracy = greedy_accuracy(model, tokenizer, task, eos_ids=eos_ids)
         step_time = time.perf_counter() - step_start
         metrics = {
             "loss": total_loss,

@@ -6,17 +6,20 @@ In one process, on one machine, with the same torch thread count, this runs
   2. trl.GRPOTrainer with the same settings (loss_type="grpo" is seq-mean-token-mean,
      per_device_train_batch_size=128 completions = one generation batch = one optimizer step,
      top_k=0, top_p=1, use_bias_correction_kl=False: plain k3 as ours) on the *same prompts
-     in the same order* (shuffle_dataset=False over our data stream) and the same verifier;
-  3. the bare work of one step at that shape: model.generate (16 x 8 prompts, 6 sampled tokens)
-     plus one forward+backward of completion_logprobs (and, separately, the reference forward).
+     in the same order* (shuffle_dataset=False over our data stream) with the same verifier;
+  3. the bare work of one step at that shape: model.generate (16 x 8 prompts, 6 sampled tokens),
+     one forward+backward of completion_logprobs, and one reference forward (beta > 0 needs it).
 Seconds/step are wall-clock gaps between consecutive optimizer steps (TRL: on_step_end;
-ours: each metrics record), median after --warmup steps. Results go to benchmarks/results_grpo_vs_trl.md.
+ours: each step's metrics record), median over all runs after the first --warmup steps of each.
+--rounds 2 runs ours, TRL, TRL, ours (ABBA), so a drifting load on a shared machine hits both alike.
+The table also goes to benchmarks/results_grpo_vs_trl.md with the command and machine info.
 
     pip install -e ".[bench]"
-    python benchmarks/grpo_vs_trl.py                  # 30 steps each, all cores
-    python benchmarks/grpo_vs_trl.py --steps 5 --threads 1
+    python benchmarks/grpo_vs_trl.py                  # 30 steps x 2 rounds each, all cores
+    python benchmarks/grpo_vs_trl.py --threads 1 --steps 10 --rounds 1
 """
 
+import itertools
 import os
 import statistics
 import sys
@@ -29,12 +32,14 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # grpo.py writes runs/<run_name>/ relative to the repository root
-import grpo  # noqa: E402
-from common.logprobs import completion_logprobs  # noqa: E402
-from common.models import eos_token_ids, load_model_and_tokenizer  # noqa: E402
-from common.rewards import number_verifier  # noqa: E402
-from common.tasks import build_messages, format_prompt, load_task, rows_at  # noqa: E402
-from common.tracking import read_metrics  # noqa: E402
+import grpo
+from common.logprobs import completion_logprobs
+from common.models import eos_token_ids, load_model_and_tokenizer
+from common.rewards import number_verifier
+from common.tasks import build_messages, format_prompt, load_task, rows_at
+from common.tracking import RunLogger, read_metrics
+
+NUM_PROMPTS, G, MAX_NEW, LR, BETA, EPS, TEMP = 16, 8, 6, 2e-4, 0.04, 0.2, 1.0
 
 
 @dataclass
@@ -42,25 +47,24 @@ class Args:
     model: str = "runs/sft"
     """SFT checkpoint both trainers start from"""
     steps: int = 30
-    """optimizer steps for each trainer"""
+    """optimizer steps per run"""
+    rounds: int = 2
+    """runs of each trainer, alternating which goes first (2 = ABBA)"""
     warmup: int = 3
-    """first steps left out of the median step time"""
+    """first steps of each run left out of the median"""
     threads: int = len(os.sched_getaffinity(0))
     """torch.set_num_threads for everything (default: all usable cores)"""
-    repeats: int = 5
-    """timed repeats of the bare generate / forward-backward"""
+    repeats: int = 10
+    """timed repeats of the bare generate / forward+backward / reference forward"""
     seed: int = 1
     out: str = "benchmarks/results_grpo_vs_trl.md"
 
 
-NUM_PROMPTS, G, MAX_NEW, LR, BETA, EPS, TEMP = 16, 8, 6, 2e-4, 0.04, 0.2, 1.0
-
-
 def run_ours(args: Args):
-    """grpo.main; a RunLogger subclass stamps the wall clock at every step record."""
+    """grpo.main; a RunLogger subclass stamps the wall clock when the loop starts and at each step."""
     stamps = []
 
-    class StampingLogger(grpo.RunLogger):
+    class StampingLogger(RunLogger):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             stamps.append(time.perf_counter())
@@ -77,25 +81,24 @@ def run_ours(args: Args):
         "--temperature", str(TEMP), "--learning-rate", str(LR), "--beta", str(BETA), "--eps-low", str(EPS),
         "--eps-high", str(EPS), "--loss-agg", "seq-mean-token-mean", "--scale-rewards", "group",
         "--no-tensorboard", "--save-every", "0", "--num-eval-prompts", "32"]))
-    records = [r for r in read_metrics("runs/bench_ours") if "event" not in r]
-    return [b - a for a, b in zip(stamps, stamps[1:])], [r["reward"] for r in records]
+    grpo.RunLogger = RunLogger
+    rewards = [r["reward"] for r in read_metrics("runs/bench_ours") if "event" not in r]
+    return [b - a for a, b in itertools.pairwise(stamps)], rewards
 
 
 def run_trl(args: Args):
+    from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from datasets import Dataset
 
-    task = load_task("add_noisy")
-    pool = task.prompts
     model, tokenizer = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32)
-    order = pool[rows_at(len(pool), 0, NUM_PROMPTS * args.steps, args.seed)]  # our data stream, in our order
-    dataset = Dataset.from_dict({"prompt": [build_messages(q) for q in order["question"]], "answer": order["answer"]})
-    # TRL tokenizes conversational prompts with apply_chat_template; check it gives our prompt ids exactly.
-    trl_ids = tokenizer.apply_chat_template(dataset[0]["prompt"], add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-    our_ids = tokenizer(format_prompt(tokenizer, order["question"][0]), add_special_tokens=False)["input_ids"]
-    assert list(trl_ids) == our_ids, (trl_ids, our_ids)
+    pool = load_task("add_noisy").prompts
+    rows = pool[rows_at(len(pool), 0, NUM_PROMPTS * args.steps, args.seed)]  # our data stream, in our order
+    dataset = Dataset.from_dict({"prompt": [build_messages(q) for q in rows["question"]], "answer": rows["answer"]})
+    # TRL tokenizes conversational prompts with apply_chat_template: check that it gives our prompt ids exactly.
+    trl_ids = tokenizer.apply_chat_template(dataset[0]["prompt"], add_generation_prompt=True, return_dict=True)
+    our_ids = tokenizer(format_prompt(tokenizer, rows["question"][0]), add_special_tokens=False)["input_ids"]
+    assert list(trl_ids["input_ids"]) == our_ids, (trl_ids["input_ids"], our_ids)
 
     def correctness(completions, answer, **_):
         return [number_verifier(c[0]["content"], a)[0] for c, a in zip(completions, answer)]
@@ -122,7 +125,7 @@ def run_trl(args: Args):
                           processing_class=tokenizer, callbacks=[Stamp()])
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return [b - a for a, b in zip(stamps, stamps[1:])], rewards
+    return [b - a for a, b in itertools.pairwise(stamps)], rewards
 
 
 def median_time(fn, repeats):
@@ -136,29 +139,30 @@ def median_time(fn, repeats):
 
 
 def bare_step(args: Args):
-    """Median seconds of a bare generate, forward+backward, and reference forward at the benchmark's shape."""
+    """Median seconds of a bare generate, forward+backward and reference forward at the benchmark's shape."""
     model, tokenizer = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32)
-    task = load_task("add_noisy")
-    prompts = [format_prompt(tokenizer, q) for q in task.prompts[:NUM_PROMPTS]["question"]]
+    prompts = [format_prompt(tokenizer, q) for q in load_task("add_noisy").prompts[:NUM_PROMPTS]["question"]]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"].repeat_interleave(G, 0), enc["attention_mask"].repeat_interleave(G, 0)
     eos = eos_token_ids(model, tokenizer)
-    sample = lambda: model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMP,  # noqa: E731
-                                    top_k=0, top_p=1.0, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                                    pad_token_id=tokenizer.pad_token_id)
+
+    def sample():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=TEMP, top_k=0,
+                              top_p=1.0, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
     model.eval()
     gen = median_time(sample, args.repeats)
     completion = sample()[:, ids.shape[1]:]
-    completion_mask = torch.ones_like(completion)
+    scored = (model, ids, mask, completion, torch.ones_like(completion), TEMP)
     model.train()
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        completion_logprobs(model, ids, mask, completion, completion_mask, TEMP, with_entropy=True)[0].sum().backward()
+        completion_logprobs(*scored, with_entropy=True)[0].sum().backward()
 
     def ref_forward():
         with torch.no_grad():
-            completion_logprobs(model, ids, mask, completion, completion_mask, TEMP)
+            completion_logprobs(*scored)
 
     return gen, median_time(forward_backward, args.repeats), median_time(ref_forward, args.repeats)
 
@@ -167,36 +171,40 @@ def main(args: Args):
     import transformers
     import trl
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    ours_dt, ours_r = run_ours(args)
-    torch.set_num_threads(args.threads)  # in case anything changed it
-    trl_dt, trl_r = run_trl(args)
+    times, rewards = {"ours": [], "trl": []}, {"ours": [], "trl": []}
+    for round_ in range(args.rounds):
+        for name in ("ours", "trl") if round_ % 2 == 0 else ("trl", "ours"):
+            torch.set_num_threads(args.threads)
+            torch.manual_seed(args.seed)
+            dt, r = (run_ours if name == "ours" else run_trl)(args)
+            times[name].append(dt)
+            rewards[name].append(r)
     torch.set_num_threads(args.threads)
     gen, fwd_bwd, ref = bare_step(args)
 
-    ours_s, trl_s = statistics.median(ours_dt[args.warmup:]), statistics.median(trl_dt[args.warmup:])
-    last = lambda xs: sum(xs[-10:]) / len(xs[-10:])  # noqa: E731
-    table = "\n".join([
-        "| | ours (grpo.py) | TRL GRPOTrainer | ours / TRL | goal |",
-        "|---|---:|---:|---:|---|",
-        f"| seconds / step (median, steps {args.warmup + 1}-{args.steps}) | {ours_s:.3f} | {trl_s:.3f} "
-        f"| {ours_s / trl_s:.2f} | <= 0.8 |",
-        f"| mean reward, last 10 steps | {last(ours_r):.3f} | {last(trl_r):.3f} | | |",
-        f"| overhead: ours / (bare generate {gen:.3f} s + fwd+bwd {fwd_bwd:.3f} s) | {ours_s / (gen + fwd_bwd):.2f} "
-        "| | | <= 1.25 |",
-        f"| same, bare work also counting the reference forward ({ref:.3f} s; beta = {BETA}) "
-        f"| {ours_s / (gen + fwd_bwd + ref):.2f} | | | |",
-    ])
+    ours, theirs = (statistics.median(t for dt in times[k] for t in dt[args.warmup:]) for k in ("ours", "trl"))
+    ours_r, trl_r = (statistics.mean(x for r in rewards[k] for x in r[-10:]) for k in ("ours", "trl"))
+    rows = [
+        ("| | ours (grpo.py) | TRL GRPOTrainer | ours / TRL | goal |"),
+        ("|---|---:|---:|---:|---|"),
+        (f"| seconds / step (median of steps {args.warmup + 1}-{args.steps}, {args.rounds} runs each) "
+         f"| {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | <= 0.8 |"),
+        (f"| mean reward, last 10 steps of each run | {ours_r:.3f} | {trl_r:.3f} | | |"),
+        (f"| overhead: ours / (bare generate {gen:.3f} s + fwd+bwd {fwd_bwd:.3f} s) "
+         f"| {ours / (gen + fwd_bwd):.2f} | | | <= 1.25 |"),
+        (f"| same, the bare work also counting the reference forward ({ref:.3f} s; beta = {BETA}) "
+         f"| {ours / (gen + fwd_bwd + ref):.2f} | | | |"),
+    ]
+    table = "\n".join(rows)
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     info = (f"command: `python {' '.join(sys.argv)}`\n\n"
-            f"machine: {cpu}, nproc {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), "
-            f"torch.set_num_threads({args.threads}); torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, trl {trl.__version__}; {NUM_PROMPTS} prompts x G={G}, {MAX_NEW} new "
-            f"tokens, {args.steps} steps each, model {args.model}\n\n"
-            f"per-step seconds, ours: {' '.join(f'{t:.2f}' for t in ours_dt)}\n\n"
-            f"per-step seconds, TRL: {' '.join(f'{t:.2f}' for t in trl_dt)}\n")
+            f"machine: {cpu}, nproc {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), load average "
+            f"{os.getloadavg()[0]:.1f} at the end, torch.set_num_threads({args.threads}); torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, trl {trl.__version__}; {NUM_PROMPTS} prompts x G={G}, "
+            f"{MAX_NEW} new tokens, {args.steps} steps x {args.rounds} runs each, model {args.model}\n\n")
+    info += "".join(f"per-step seconds, {k} run {i + 1}: {' '.join(f'{t:.2f}' for t in dt)}\n\n"
+                    for k in ("ours", "trl") for i, dt in enumerate(times[k]))
     print("\n" + table + "\n\n" + info)
     with open(args.out, "w") as f:
         f.write("# GRPO step time: grpo.py vs TRL GRPOTrainer\n\n" + table + "\n\n" + info)

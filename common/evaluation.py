@@ -63,8 +63,9 @@ def evaluate(
 
             sampled = generate(engine, model, tokenizer, prompts, num_samples, 1.0, max_new_tokens, eos_ids=eos_ids)
             sampled_answers = [answers[i] for i in sampled.prompt_index.tolist()]
-            _, terms, _ = score_completions(task.verifier, sampled.completions, sampled_answers, sampled.is_eos.tolist())
-            correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (num_prompts,)
+            _, terms, _ = score_completions(task.verifier, sampled.completions, sampled_answers,
+                                            sampled.is_eos.tolist())
+            correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
             for k in pass_k:
                 pass_k[k] += [pass_at_k(num_samples, int(c), k) for c in correct_per_prompt]
     result = {"event": "eval", "accuracy": sum(greedy_correct) / len(greedy_correct)}
@@ -72,3 +73,15 @@ def evaluate(
     result["num_prompts"] = len(test)
     result["num_samples"] = num_samples
     return result
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task, num_prompts: int = 64, max_new_tokens: int | None = None,
+                    engine=None, eos_ids=None) -> float:
+    """Greedy accuracy on the first num_prompts held-out prompts: the cheap in-training check."""
+    rows = task.test.select(range(min(num_prompts, len(task.test))))
+    prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
+    greedy = generate(engine, model, tokenizer, prompts, 1, 0.0, max_new_tokens or task.max_new_tokens,
+                      eos_ids=eos_ids)
+    _, terms, _ = score_completions(task.verifier, greedy.completions, rows["answer"], greedy.is_eos.tolist())
+    return sum(terms["correct"]) / len(terms["correct"])

@@ -102,7 +102,7 @@ def generate_hf(
         do_sample=not greedy,
         temperature=None if greedy else temperature,
         top_p=None if greedy else top_p,
-        top_k=None if greedy else 0,  # transformers defaults to top_k=50; 0 turns it off so T alone shapes the distribution
+        top_k=None if greedy else 0,  # some transformers versions default to top_k=50; 0 = off: T alone shapes p
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,

@@ -190,7 +190,8 @@ def make_gsm8k_task(seed: int = 0) -> Task:
     try:
         raw = load_dataset("openai/gsm8k", "main")
     except Exception as e:  # no network, or no hub cache: say so in one line
-        raise SystemExit(f"error: --task gsm8k: could not load openai/gsm8k from the hub ({type(e).__name__}).")
+        message = f"error: --task gsm8k: could not load openai/gsm8k from the hub ({type(e).__name__})."
+        raise SystemExit(message) from None
     keep = ["question", "answer"]
     train = raw["train"].select_columns(keep).map(gsm8k_record)
     test = raw["test"].select_columns(keep).map(gsm8k_record)
