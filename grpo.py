@@ -24,7 +24,8 @@ Every departure from DeepSeekMath GRPO is a flag, off by default; `--preset` set
 Other knobs: --dual-clip-c (Ye et al. 2020), --kl-estimator k1|k2|k3, --ent-coef,
 --num-epochs/--num-minibatches (then r != 1 and the clip acts), --mask-truncated,
 --cov-penalty clip_cov|kl_cov (Cui et al. 2025), --top-entropy-rho (Wang et al. 2025),
---mismatch-correction tis|icepop (Yao et al. 2025; IcePop, Ling Team 2025).
+--mismatch-correction tis|icepop (Yao et al. 2025; IcePop, Ling Team 2025),
+--rollout vllm (a colocated vLLM engine; weights synced every --sync-every steps).
 
 Note: with one update per rollout batch, r_t = 1 in value and the loss value is ~0 (the
 advantages are mean-centred), while the gradient is not 0. Watch reward and
@@ -83,6 +84,12 @@ class Args:
     """nucleus sampling; < 1 biases the importance ratio (the trainer does not truncate)"""
     max_new_tokens: int = 0
     """completion budget; 0 = the task's default"""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """rollout backend: HF generate, or a vLLM engine in this process (pip install -e '.[cpu]' or '.[gpu]')"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--rollout vllm on CUDA: share of GPU memory vLLM reserves (weights + KV cache); ignored on CPU"""
+    sync_every: int = 1
+    """--rollout vllm: copy the trainer's weights into vLLM every k steps (k > 1: samples up to k-1 steps stale)"""
     # ---- reward ----------------------------------------------------------------------------
     format_weight: float = 0.0
     """weight of the format reward (ended with EOS and committed to an answer)"""
@@ -204,6 +211,7 @@ def validate(args: Args, max_new_tokens: int):
     check(args.eps_low >= 0 and args.eps_high >= 0, "eps_low", "clip ranges must be >= 0")
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
     check(args.beta >= 0, "beta", "must be >= 0")
+    check(args.sync_every >= 1, "sync_every", "must be >= 1")
     check(args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
           f"must be smaller than the completion budget ({max_new_tokens})")
     batch = args.num_prompts * args.group_size
@@ -411,7 +419,16 @@ def main(args: Args):
         ref_model.eval().requires_grad_(False)
     eos_ids = eos_token_ids(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    engine = None  # None = HF generate; see common/rollout.py
+    engine = None  # None = HF generate (common/rollout.py); else a colocated vLLM engine
+    if args.rollout == "vllm":
+        from common.vllm_engine import VLLMEngine  # imports vLLM only when asked for
+
+        # Created before a resume restores the RNG: the engine re-seeds torch's global generator.
+        questions = [*task.prompts["question"], *task.test["question"]]
+        longest_prompt = max(len(tokenizer(format_prompt(tokenizer, q, task.system_prompt),
+                                           add_special_tokens=False)["input_ids"]) for q in questions)
+        engine = VLLMEngine(args.model, dtype, longest_prompt + max_new_tokens, args.vllm_gpu_memory_utilization,
+                            args.seed, eos_ids, tokenizer.pad_token_id, tokenizer, device)
     if args.top_p < 1:
         print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")
 
@@ -422,6 +439,9 @@ def main(args: Args):
         state = load_checkpoint(checkpoint, model, optimizer, None)
         start_step, data_position = state["step"], state["extra"]["data_position"]
         print(f"resumed from {checkpoint} at step {start_step}")
+    last_sync = start_step  # the engine holds the weights of this step; staleness = step - last_sync
+    if engine is not None and args.resume:
+        engine.sync_weights(model)  # the engine loaded args.model; the resumed trainer is ahead of it
     config = asdict(args)
     logger = RunLogger(run_dir, config, args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
@@ -436,6 +456,7 @@ def main(args: Args):
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="grpo")
     for step in progress:
         step_start = time.perf_counter()
+        staleness = step - last_sync if engine is not None else 0  # steps the sampler's weights lag behind
         # ---- 1. Generate: G completions for each of num_prompts prompts -------------------------
         # ---- 2. Reward: verifier (+ format, + overlong shaping), one scalar R_i per completion --
         # Dynamic sampling (DAPO) repeats 1-2 with fresh prompts until num_prompts groups have
@@ -573,7 +594,14 @@ def main(args: Args):
                 stats["grad_norm"].append(grad_norm.item())
         train_time = time.perf_counter() - train_start
 
-        # ---- 6. Log -----------------------------------------------------------------------------
+        # ---- 6. Sync: copy the updated weights into the vLLM engine, every sync_every steps ---------
+        sync_time = 0.0
+        if engine is not None and step + 1 - last_sync >= args.sync_every:
+            t0 = time.perf_counter()
+            engine.sync_weights(model)
+            sync_time, last_sync = time.perf_counter() - t0, step + 1
+
+        # ---- 7. Log -----------------------------------------------------------------------------
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
         step_rewards = torch.cat(all_rewards)
         metrics = {
@@ -598,6 +626,8 @@ def main(args: Args):
             "train_tokens_per_s": (rollout.prompt_mask.sum() + rollout.completion_mask.sum()).item()
             * args.num_epochs / train_time,
             "gen_time": gen_time,
+            "sync_time": sync_time,
+            "rollout_staleness": staleness,
             "train_time": train_time,
             "step_time": time.perf_counter() - step_start,
             **{f"reasons/{k}": v / num_scored for k, v in reason_counts.items()},
@@ -612,6 +642,8 @@ def main(args: Args):
 
     save_checkpoint(run_dir, model, tokenizer, optimizer, None, args.total_steps, {"data_position": data_position})
     save_final_model(run_dir, model, tokenizer)
+    if engine is not None:
+        engine.sync_weights(model)  # the final evaluation samples with the engine
     result = evaluate(model, tokenizer, task, args.num_eval_prompts, args.num_eval_samples, max_new_tokens,
                       engine=engine, eos_ids=eos_ids)
     logger.log(args.total_steps, result)

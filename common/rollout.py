@@ -102,6 +102,7 @@ def generate_hf(
         do_sample=not greedy,
         temperature=None if greedy else temperature,
         top_p=None if greedy else top_p,
+        repetition_penalty=1.0,  # a hub generation_config (e.g. Qwen's 1.05) must not reshape the distribution
         top_k=None if greedy else 0,  # some transformers versions default to top_k=50; 0 = off: T alone shapes p
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,
