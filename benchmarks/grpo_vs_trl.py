@@ -9,14 +9,15 @@ In one process, on one machine, with the same torch thread count, this runs
      in the same order* (shuffle_dataset=False over our data stream) with the same verifier;
   3. the bare work of one step at that shape: model.generate (16 x 8 prompts, 6 sampled tokens),
      one forward+backward of completion_logprobs, and one reference forward (beta > 0 needs it).
-Seconds/step are wall-clock gaps between consecutive optimizer steps (TRL: on_step_end;
+Seconds/step are clock gaps between consecutive optimizer steps (TRL: on_step_end;
 ours: each step's metrics record); per run the median after --warmup steps, across runs the best
 (load on a shared machine only adds time). --rounds 2 runs ours, TRL, TRL, ours (ABBA).
+--clock cpu counts this process's CPU seconds instead of wall seconds (use with --threads 1).
 The table also goes to benchmarks/results_grpo_vs_trl.md with the command and machine info.
 
     pip install -e ".[bench]"
     python benchmarks/grpo_vs_trl.py                  # 30 steps x 2 rounds each, all cores
-    python benchmarks/grpo_vs_trl.py --threads 1 --steps 10 --rounds 1
+    python benchmarks/grpo_vs_trl.py --threads 1 --clock cpu     # robust to other jobs on the machine
 """
 
 import itertools
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -40,6 +42,7 @@ from common.tasks import build_messages, format_prompt, load_task, rows_at
 from common.tracking import RunLogger, read_metrics
 
 NUM_PROMPTS, G, MAX_NEW, LR, BETA, EPS, TEMP = 16, 8, 6, 2e-4, 0.04, 0.2, 1.0
+clock = time.perf_counter  # main() sets it from --clock
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Args:
     """first steps of each run left out of the median"""
     threads: int = len(os.sched_getaffinity(0))
     """torch.set_num_threads for everything (default: all usable cores)"""
+    clock: Literal["wall", "cpu"] = "wall"
+    """wall: time.perf_counter; cpu: time.process_time (this process's CPU seconds: with --threads 1
+    nearly immune to other jobs on a shared machine)"""
     repeats: int = 10
     """timed repeats of the bare generate / forward+backward / reference forward"""
     seed: int = 1
@@ -61,17 +67,17 @@ class Args:
 
 
 def run_ours(args: Args):
-    """grpo.main; a RunLogger subclass stamps the wall clock when the loop starts and at each step."""
+    """grpo.main; a RunLogger subclass stamps the clock when the loop starts and at each step."""
     stamps = []
 
     class StampingLogger(RunLogger):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         def log(self, step, metrics):
             if "event" not in metrics:
-                stamps.append(time.perf_counter())
+                stamps.append(clock())
             super().log(step, metrics)
 
     grpo.RunLogger = StampingLogger
@@ -108,10 +114,10 @@ def run_trl(args: Args):
     class Stamp(TrainerCallback):
         def on_train_begin(self, *_, **__):
             assert torch.get_num_threads() == args.threads, torch.get_num_threads()
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
         def on_step_end(self, *_, **__):
-            stamps.append(time.perf_counter())
+            stamps.append(clock())
 
     config = GRPOConfig(
         output_dir="runs/bench_trl", max_steps=args.steps, seed=args.seed, data_seed=args.seed,
@@ -132,9 +138,9 @@ def median_time(fn, repeats):
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -171,6 +177,8 @@ def main(args: Args):
     import transformers
     import trl
 
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times, rewards = {"ours": [], "trl": []}, {"ours": [], "trl": []}
     for round_ in range(args.rounds):
         for name in ("ours", "trl") if round_ % 2 == 0 else ("trl", "ours"):
@@ -189,7 +197,7 @@ def main(args: Args):
     rows = [
         ("| | ours (grpo.py) | TRL GRPOTrainer | ours / TRL | goal |"),
         ("|---|---:|---:|---:|---|"),
-        (f"| seconds / step (median of steps {args.warmup + 1}-{args.steps}; best of {args.rounds} runs) "
+        (f"| {args.clock} seconds / step (median of steps {args.warmup + 1}-{args.steps}; best of {args.rounds} runs) "
          f"| {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | <= 0.8 |"),
         (f"| mean reward, last 10 steps of each run | {ours_r:.3f} | {trl_r:.3f} | | |"),
         (f"| overhead: ours / (bare generate {gen:.3f} s + fwd+bwd {fwd_bwd:.3f} s) "
