@@ -34,12 +34,12 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # grpo.py writes runs/<run_name>/ relative to the repository root
-import grpo
-from common.logprobs import completion_logprobs
-from common.models import eos_token_ids, load_model_and_tokenizer
-from common.rewards import number_verifier
-from common.tasks import build_messages, format_prompt, load_task, rows_at
-from common.tracking import RunLogger, read_metrics
+import grpo  # noqa: E402
+from common.logprobs import completion_logprobs  # noqa: E402
+from common.models import eos_token_ids, load_model_and_tokenizer  # noqa: E402
+from common.rewards import number_verifier  # noqa: E402
+from common.tasks import build_messages, format_prompt, load_task, rows_at  # noqa: E402
+from common.tracking import RunLogger, read_metrics  # noqa: E402
 
 NUM_PROMPTS, G, MAX_NEW, LR, BETA, EPS, TEMP = 16, 8, 6, 2e-4, 0.04, 0.2, 1.0
 clock = time.perf_counter  # main() sets it from --clock
@@ -86,7 +86,8 @@ def run_ours(args: Args):
         "--num-prompts", str(NUM_PROMPTS), "--group-size", str(G), "--max-new-tokens", str(MAX_NEW),
         "--temperature", str(TEMP), "--learning-rate", str(LR), "--beta", str(BETA), "--eps-low", str(EPS),
         "--eps-high", str(EPS), "--loss-agg", "seq-mean-token-mean", "--scale-rewards", "group",
-        "--no-tensorboard", "--save-every", "0", "--num-eval-prompts", "32"]))
+        "--rollout", "hf", "--no-tensorboard", "--save-every", "0", "--eval-every", "0",  # TRL: no in-loop eval
+        "--num-eval-prompts", "32"]))
     grpo.RunLogger = RunLogger
     rewards = [r["reward"] for r in read_metrics("runs/bench_ours") if "event" not in r]
     return [b - a for a, b in itertools.pairwise(stamps)], rewards
