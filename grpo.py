@@ -520,19 +520,22 @@ def main(args: Args):
         train_start = time.perf_counter()
         B = len(rewards)
         mb_size = min(args.micro_batch_size, B // args.num_minibatches)
+        # Micro-batches of whole groups run each prompt once, not G times (common/logprobs.py).
+        shared = G if mb_size % G == 0 else 1
         logp_old = entropy_old = logp_ref = None
         with torch.no_grad():
             chunks = [slice(i, i + mb_size) for i in range(0, B, mb_size)]
             if need_old_pass:
                 old_entropy = [completion_logprobs(model, rollout.prompt_ids[s], rollout.prompt_mask[s],
                                                    rollout.completion_ids[s], rollout.completion_mask[s],
-                                                   args.temperature, with_entropy=True) for s in chunks]
+                                                   args.temperature, True, shared) for s in chunks]
                 logp_old = torch.cat([lp for lp, _ in old_entropy])  # (B, C)
                 entropy_old = torch.cat([h for _, h in old_entropy])  # (B, C)
             if ref_model is not None:
                 logp_ref = torch.cat([completion_logprobs(ref_model, rollout.prompt_ids[s], rollout.prompt_mask[s],
                                                           rollout.completion_ids[s], rollout.completion_mask[s],
-                                                          args.temperature)[0] for s in chunks])  # (B, C)
+                                                          args.temperature, False, shared)[0]
+                                      for s in chunks])  # (B, C)
 
         # ---- 5. Update: num_epochs passes, num_minibatches optimizer steps each ----------------
         stats = {k: [] for k in ("loss", "clip_low", "clip_high", "kl", "entropy", "grad_norm", "mismatch",
@@ -565,7 +568,7 @@ def main(args: Args):
                     m = mask_mb[mb:mb + mb_size]  # (b, C)
                     logp, entropy = completion_logprobs(
                         model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows],
-                        rollout.completion_mask[rows], args.temperature, with_entropy=True)  # (b, C) each
+                        rollout.completion_mask[rows], args.temperature, True, shared)  # (b, C) each
                     old = logp.detach() if logp_old is None else logp_old[rows]
                     keep = keep_mb[mb:mb + mb_size]
                     weights = mismatch_weights(old, rollout.sampler_logprobs[rows], args.mismatch_correction,

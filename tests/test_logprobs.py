@@ -362,3 +362,30 @@ def test_completion_mask_from_ids_batch():
     mask, is_eos = completion_mask_from_ids(ids, [3, 9])
     assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
     assert is_eos.tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 6])
+def test_grouped_prompts_give_the_same_logprobs_entropy_and_gradient(tokenizer, max_new_tokens):
+    """group_size=G runs each shared prompt once; values and gradients must equal the plain path."""
+    from common.models import build_tiny_model
+    from common.rollout import generate_hf
+    from common.tasks import format_prompt
+
+    model = build_tiny_model(tokenizer, seed=3)
+    prompts = [format_prompt(tokenizer, q) for q in ("1+2", "45+67", "9", "100+200")]  # unequal lengths
+    torch.manual_seed(0)
+    r = generate_hf(model, tokenizer, prompts, n=3, temperature=1.0, max_new_tokens=max_new_tokens)
+    batch = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.7, True)
+    valid = r.completion_mask.bool()
+    grads = []
+    for group_size in (1, 3):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, *batch, group_size=group_size)
+        (logp * r.completion_mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if group_size == 1:
+            ref_logp, ref_entropy = logp.detach(), entropy.detach()
+    assert torch.allclose(logp.detach()[valid], ref_logp[valid], atol=5e-5)
+    assert torch.allclose(entropy.detach()[valid], ref_entropy[valid], atol=5e-5)
+    for a, b in zip(*grads):  # fp32 summation order differs: compare relative to the gradient's size
+        assert (a - b).norm() <= 1e-5 * a.norm() + 1e-8

@@ -148,7 +148,11 @@ def test_grpo_gradient_does_not_depend_on_micro_batch_size(sft_run, tmp_path, mo
     flags = ["--total-steps", "1", "--num-prompts", "8", "--loss-agg", agg]
     _grpo(sft_run[0], *flags, "--run-name", "mb64", "--micro-batch-size", "64")
     _grpo(sft_run[0], *flags, "--run-name", "mb8", "--micro-batch-size", "8")
+    _grpo(sft_run[0], *flags, "--run-name", "mb4", "--micro-batch-size", "4")  # < G: prompts not shared
     a, b = read_metrics("runs/mb64")[0], read_metrics("runs/mb8")[0]
+    c = read_metrics("runs/mb4")[0]
+    assert c["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert a["reward"] == b["reward"]  # same seed, same rollouts
     assert a["grad_norm"] > 0
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
