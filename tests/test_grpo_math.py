@@ -235,3 +235,32 @@ def test_presets_set_their_recipe_and_explicit_flags_win():
     assert parse_args([]).loss_agg == "seq-mean-token-mean" and parse_args([]).beta == 0.04
     with pytest.raises(SystemExit, match="--preset"):
         parse_args(["--preset", "nonsense"])
+
+
+def test_grpo_gradient_does_not_depend_on_left_padding():
+    """A group's loss gradient is the same alone (no padding) and left-padded next to a longer prompt."""
+    from common.logprobs import completion_logprobs
+    from common.models import build_char_tokenizer, build_tiny_model
+    from common.tasks import encode_demonstrations, format_prompt
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer, seed=1)
+    short, long = format_prompt(tokenizer, "1+2"), format_prompt(tokenizer, "12345+67890+13579")
+    completions = ["3", "4", "13", "2"]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5]).unsqueeze(-1)
+    args = Args(beta=0.0)
+
+    def group_gradient(prompts, rows):
+        p_ids, p_mask, c_ids, c_mask = encode_demonstrations(tokenizer, prompts, completions * (len(prompts) // 4),
+                                                             tokenizer.eos_token_id, 8)
+        model.zero_grad()
+        logp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
+        logp, mask = logp[rows], c_mask[rows].float()
+        token_loss, _ = grpo_token_loss(logp, logp.detach(), None, None, adv, mask, args)
+        aggregate_loss(token_loss, mask, "token-mean", 4, int(mask.sum()), 8).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    alone = group_gradient([short] * 4, slice(0, 4))
+    padded = group_gradient([short] * 4 + [long] * 4, slice(0, 4))  # the short prompts are now left-padded
+    for a, b in zip(alone, padded):
+        assert (a - b).norm() <= 1e-5 * a.norm() + 1e-8
