@@ -53,7 +53,7 @@ class Task:
         """
         if not hasattr(self, "_prompts"):
             seen, keep = set(), []
-            for i, question in enumerate(self.train["question"]):
+            for i, question in enumerate(self.train["question"][:]):  # [:] = one list, not row-wise reads
                 if question not in seen:
                     seen.add(question)
                     keep.append(i)
