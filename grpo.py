@@ -498,8 +498,8 @@ def main(args: Args):
             if num_groups_kept >= args.num_prompts:
                 break
         if num_groups_kept == 0:  # every group had equal rewards: no gradient signal at all
-            logger.log(step + 1, {"reward": torch.cat(all_rewards).mean().item(), "frac_zero_std_groups": 1.0,
-                                  "skipped": 1})
+            logger.log(step + 1, {"loss": None, "reward": torch.cat(all_rewards).mean().item(),
+                                  "frac_zero_std_groups": 1.0, "skipped": 1})
             continue
         rollout = concat_rollouts([r for r, _ in kept], tokenizer.pad_token_id)
         rewards = torch.cat([r for _, r in kept])
@@ -611,7 +611,7 @@ def main(args: Args):
             "loss": mean(stats["loss"]),
             "reward": step_rewards.mean().item(),
             **{f"reward/{k}": v / num_scored for k, v in terms_sum.items()},
-            "accuracy": terms_sum["correct"] / num_scored,  # sampled accuracy (pass@1 of the rollouts)
+            "sampled_accuracy": terms_sum["correct"] / num_scored,  # pass@1 of the rollouts (eval's is greedy)
             "completion_length": rollout.completion_lengths.float().mean().item(),
             "frac_truncated": 1 - rollout.is_eos.float().mean().item(),
             "entropy": mean(stats["entropy"]),
@@ -638,7 +638,7 @@ def main(args: Args):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
-        progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+        progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['sampled_accuracy']:.2f}",
                              zero_std=f"{metrics['frac_zero_std_groups']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
             save_checkpoint(run_dir, model, tokenizer, optimizer, None, step + 1, {"data_position": data_position})

@@ -198,7 +198,7 @@ def main(args: Args):
             "grad_norm": grad_norm.item(),
             "learning_rate": scheduler.get_last_lr()[0],
             "num_tokens": num_tokens,
-            "tokens_per_s": int((prompt_mask.sum() + num_tokens) / step_time),
+            "train_tokens_per_s": int((prompt_mask.sum() + num_tokens) / step_time),
             "step_time": step_time,
         }
         if args.eval_every and (step + 1) % args.eval_every == 0:

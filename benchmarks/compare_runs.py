@@ -30,7 +30,7 @@ def main():
         cells = [f"{e.get(k, float('nan')):.3f}" for k in ("accuracy", "pass@1", "pass@2", "pass@4", "pass@8")]
         seconds = sum(r.get("step_time") or 0 for r in steps)
         print(f"| {run} | {len(steps)} | {seconds:.0f} | " + " | ".join(cells) + " |")
-        curves[run] = [(r["step"], r.get("accuracy", r.get("eval_accuracy"))) for r in steps]
+        curves[run] = [(r["step"], r.get("sampled_accuracy", r.get("eval_accuracy"))) for r in steps]
     if args.plot:
         import matplotlib
 

@@ -212,7 +212,7 @@ def test_grpo_learns_beyond_the_teacher(sft_run, tmp_path, monkeypatch):
     result = _grpo(sft_run[0], "--total-steps", "60", "--num-eval-prompts", "100", "--num-eval-samples", "8")
     steps = [r for r in read_metrics("runs/grpo") if "event" not in r]
     first, last = steps[:5], steps[-5:]
-    assert sum(r["accuracy"] for r in last) / 5 > sum(r["accuracy"] for r in first) / 5 + 0.1
+    assert sum(r["sampled_accuracy"] for r in last) / 5 > sum(r["sampled_accuracy"] for r in first) / 5 + 0.1
     assert result["pass@1"] > before["pass@1"] + 0.15
     assert result["accuracy"] >= before["accuracy"] - 0.1  # greedy does not collapse
     print(json.dumps({"sft": before, "grpo": result}))
@@ -227,7 +227,7 @@ def test_grpo_learns_with_vllm_rollouts_like_hf(sft_run, tmp_path, monkeypatch):
                    "--num-eval-samples", "8")
     steps = [r for r in read_metrics("runs/grpo") if "event" not in r]
     first, last = steps[:5], steps[-5:]
-    assert sum(r["accuracy"] for r in last) / 5 > sum(r["accuracy"] for r in first) / 5 + 0.1
+    assert sum(r["sampled_accuracy"] for r in last) / 5 > sum(r["sampled_accuracy"] for r in first) / 5 + 0.1
     assert result["pass@1"] > before["pass@1"] + 0.15
     assert max(r["mismatch_mean_abs"] for r in steps) < 1e-4  # synced every step: sampler == trainer
     assert all(r["rollout_staleness"] == 0 for r in steps)
