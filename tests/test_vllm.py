@@ -2,16 +2,25 @@
 
 One engine serves every test (starting one costs ~15 s on 2 CPU cores). Each test first
 pushes the weights it needs with `sync_weights`, so the tests do not depend on their order.
+
+The same tests run on a GPU (TEST_DEVICE=cuda, the default where CUDA is available): there
+trainer and engine run in bf16 and the tolerances come from `logprob_atol`.
 """
 
 import copy
+import os
+import re
+import subprocess
 import sys
+import types
+import weakref
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
+import vllm
 from common.logprobs import completion_logprobs
 from common.models import build_char_tokenizer, build_tiny_model, eos_token_ids
 from common.rollout import generate_hf
@@ -19,20 +28,39 @@ from common.tasks import encode_demonstrations, format_prompt
 from common.vllm_engine import VLLMEngine
 
 QUESTIONS = ["12+34", "7+5", "99+99", "123+4", "50+50", "1+1", "31+18", "8+80"]  # mixed lengths: left padding
-TOL = 1e-4  # fp32, same weights: observed differences are ~1e-6
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16  # trainer and engine; bf16 = the GPU default
+EXACT = DEVICE.type == "cpu" and DTYPE == torch.float32  # same fp32 math in both backends: greedy paths agree
+
+
+def logprob_atol(dtype: torch.dtype, device: torch.device) -> float:
+    """How far vLLM's and the trainer's logprobs of the same tokens may differ at the same weights.
+
+    CPU fp32: the same fp32 math on both sides, observed differences ~1e-6. CUDA fp32: other
+    kernels (flash attention, TF32 matmuls). bf16 keeps 8 mantissa bits, so logits differ in
+    the 3rd digit. The GPU values are bounds from precision, not yet measured here:
+    benchmarks/vllm_gpu_check.py prints the observed gap.
+    """
+    if dtype == torch.float32:
+        return 1e-4 if device.type == "cpu" else 2e-3
+    return {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+
+
+TOL = logprob_atol(DTYPE, DEVICE)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(engine, tokenizer, random-init model, prompts); the engine starts from the random model."""
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(tokenizer, seed=0).to(torch.float32).eval()
+    model = build_tiny_model(tokenizer, seed=0).to(DEVICE, DTYPE).eval()
     path = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    engine = VLLMEngine(str(path), torch.float32, max_model_len=256, gpu_memory_utilization=0.3, seed=0,
+    engine = VLLMEngine(str(path), DTYPE, max_model_len=256, gpu_memory_utilization=0.3, seed=0,
                         eos_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, device=DEVICE, vllm_dtype=str(DTYPE).removeprefix("torch."),
+                        max_num_seqs=64)
     prompts = [format_prompt(tokenizer, q) for q in QUESTIONS]
     return engine, tokenizer, model, prompts
 
@@ -71,11 +99,25 @@ def test_greedy_matches_hf(setup, eos_model, which, max_new_tokens):
     if which == "eos":  # the trained model stops after "42" when it has the budget, and is cut when not
         assert hf.completions == ["42"] * len(hf.completions)
         assert hf.is_eos.all() == (max_new_tokens > 2)
-    for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "is_eos", "prompt_index"):
+    for field in ("prompt_ids", "prompt_mask", "prompt_index"):
         assert torch.equal(getattr(vl, field), getattr(hf, field)), field
-    assert vl.completions == hf.completions
+    if EXACT:  # the same fp32 math: identical greedy paths
+        for field in ("completion_ids", "completion_mask", "is_eos"):
+            assert torch.equal(getattr(vl, field), getattr(hf, field)), field
+        assert vl.completions == hf.completions
+    # In bf16 a near-tie between the top two tokens can flip the argmax in one backend and not
+    # the other, so there most rows (not all) must agree; logprobs are compared where they do.
+    same = [completion(vl, i) == completion(hf, i) for i in range(len(prompts) * 2)]
+    assert sum(same) >= 0.75 * len(same), f"greedy rows that agree: {sum(same)} of {len(same)}"
+    C = min(vl.sampler_logprobs.shape[1], hf.sampler_logprobs.shape[1])
+    rows = torch.tensor(same, device=vl.sampler_logprobs.device)
     # greedy logprobs are of the T = 1 distribution in both backends
-    assert torch.allclose(vl.sampler_logprobs, hf.sampler_logprobs, atol=TOL)
+    assert torch.allclose(vl.sampler_logprobs[rows, :C], hf.sampler_logprobs[rows, :C], atol=TOL)
+
+
+def completion(rollout, i: int) -> list[int]:
+    """Row i's completion token ids (EOS included, padding dropped)."""
+    return rollout.completion_ids[i][rollout.completion_mask[i].bool()].tolist()
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
@@ -107,17 +149,17 @@ def test_weight_sync_is_real(setup):
     engine.sync_weights(model)
     fresh = engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=10)
     after = (fresh.sampler_logprobs - trainer_logprobs(model, fresh, 1.0)).abs().max()
-    assert before > 1e-2, f"before sync: {before:.2e}"
+    assert before > 5 * TOL, f"before sync: {before:.2e}"
     assert after < TOL, f"after sync: {after:.2e}"
 
 
 def test_sync_casts_to_engine_dtype(setup):
-    """bf16 trainer weights into the fp32 engine: the engine then holds exactly the bf16 values."""
+    """bf16 trainer weights into the engine (fp32 on CPU): the engine then holds exactly the bf16 values."""
     engine, _, random_model, prompts = setup
     model_bf16 = copy.deepcopy(random_model).to(torch.bfloat16)
     engine.sync_weights(model_bf16)
     rollout = engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=8)
-    reference = model_bf16.to(torch.float32)  # bf16 values, fp32 compute, as in the engine
+    reference = model_bf16.to(engine.dtype)  # bf16 values, engine-dtype compute, as in the engine
     assert (rollout.sampler_logprobs - trainer_logprobs(reference, rollout, 1.0)).abs().max() < TOL
 
 
@@ -156,3 +198,126 @@ def test_missing_vllm_exits_with_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(SystemExit, match="--rollout vllm needs vLLM"):
         VLLMEngine("unused", torch.float32, 64, 0.3, 0, [3], 0, None)
+
+
+# ---- guards and the weight sync's memory (issue 9) -------------------------------------------
+
+@pytest.mark.parametrize("old", ["0.11.0", "0.15.1", "0.15.2rc1.dev3+gabc"])
+def test_old_vllm_exits_with_one_line(monkeypatch, old):
+    """Before 0.16 reload_weights takes no weights: the first sync would raise TypeError; refuse at start."""
+    monkeypatch.setattr(vllm, "__version__", old)
+    with pytest.raises(SystemExit, match=rf"^error: --rollout vllm: vLLM {re.escape(old)} cannot sync weights") as info:
+        VLLMEngine("unused", torch.float32, 64, 0.3, 0, [3], 0, None)
+    assert "\n" not in str(info.value) and "vllm>=0.16" in str(info.value)
+
+
+def test_inherited_multiprocessing_is_overridden_and_a_separate_engine_rejected(monkeypatch):
+    """An inherited VLLM_ENABLE_V1_MULTIPROCESSING=1 is replaced before vLLM starts; an engine that
+    still ends up in another process is refused in one line. A stand-in LLM records what it saw."""
+    seen = {}
+
+    class OutOfProcessLLM:  # what LLM(...) looks like when its engine core runs in a child process
+        def __init__(self, **kwargs):
+            seen["env"] = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]
+            self.llm_engine = types.SimpleNamespace(engine_core=object())  # not an InprocClient
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setattr(vllm, "LLM", OutOfProcessLLM)
+    with pytest.raises(SystemExit, match="^error: --rollout vllm: the vLLM engine started in a separate process"):
+        VLLMEngine("unused", torch.float32, 64, 0.3, 0, [3], 0, None)
+    assert seen["env"] == "0"
+
+
+def test_engine_is_in_process(setup):
+    from vllm.v1.engine.core_client import InprocClient
+
+    engine = setup[0]
+    assert isinstance(engine.llm.llm_engine.engine_core, InprocClient)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def sync_and_measure_casts(engine, model) -> tuple[int, int]:
+    """Run one sync; return (most bytes of new tensors the sync held alive at once, bytes of all of them).
+
+    The weights iterator that sync_weights hands to vLLM is wrapped: each tensor it yields is
+    tracked by a weak reference, so it counts as alive exactly as long as something (a list in
+    sync_weights, or vLLM's per-layer buffer) still holds it. Tensors that share the trainer's
+    storage (no cast was needed) cost nothing and are not counted.
+    """
+    trainer_storage = {p.untyped_storage().data_ptr() for p in model.state_dict().values()}
+    alive, peak, total = [], 0, 0
+    real_rpc = engine.llm.collective_rpc
+
+    def watched(weights):
+        nonlocal peak, total
+        for name, tensor in weights:
+            if tensor.untyped_storage().data_ptr() not in trainer_storage:
+                alive.append((weakref.ref(tensor), tensor.nbytes))
+                total += tensor.nbytes
+            peak = max(peak, sum(nbytes for ref, nbytes in alive if ref() is not None))
+            yield name, tensor
+            del tensor  # the loop must not keep the last one alive itself
+
+    def rpc(method, *args, kwargs=None, **rest):
+        kwargs = dict(kwargs, weights_iterator=watched(kwargs["weights_iterator"]))
+        return real_rpc(method, *args, kwargs=kwargs, **rest)
+
+    engine.llm.collective_rpc = rpc
+    try:
+        engine.sync_weights(model)
+    finally:
+        del engine.llm.collective_rpc  # back to the class's method
+    return peak, total
+
+
+def test_sync_streams_weights_without_a_second_copy(setup, monkeypatch):
+    """bf16 trainer into the engine (fp32 on CPU): every weight needs a cast. Streamed, the casts
+    alive at once are one layer's; a list (the old sync) holds them all, which this test detects."""
+    engine, _, random_model, prompts = setup
+    model_bf16 = copy.deepcopy(random_model).to(torch.bfloat16)
+    if engine.dtype == torch.bfloat16:  # on a GPU the engine is bf16 already: make the trainer fp32
+        model_bf16 = model_bf16.to(torch.float32)
+    peak, total = sync_and_measure_casts(engine, model_bf16)
+    assert total > 0 and peak < 0.5 * total, f"casts alive at once: {peak} of {total} bytes"
+
+    # the sync is still complete: the engine samples from the synced weights
+    rollout = engine.generate(prompts, n=2, temperature=1.0, max_new_tokens=8)
+    reference = copy.deepcopy(model_bf16).to(engine.dtype)  # Module.to is in place: keep the bf16 model
+    assert (rollout.sampler_logprobs - trainer_logprobs(reference, rollout, 1.0)).abs().max() < TOL
+
+    # the measurement can fail: a sync that builds the list of casts first holds all of them
+    def list_sync(model):
+        weights = [(name, w.detach().to(engine.dtype)) for name, w in model.state_dict().items()]
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+
+    monkeypatch.setattr(engine, "sync_weights", list_sync)
+    peak_list, total_list = sync_and_measure_casts(engine, model_bf16)
+    assert peak_list > 0.9 * total_list, f"a list held only {peak_list} of {total_list} bytes"
+
+
+def test_failed_prefix_cache_reset_exits_with_one_line(setup, monkeypatch):
+    engine, _, random_model, _ = setup
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: False)
+    with pytest.raises(SystemExit, match="^error: --rollout vllm: reset_prefix_cache\\(\\) failed") as info:
+        engine.sync_weights(random_model)
+    assert "\n" not in str(info.value)
+
+
+def test_cuda_index_other_than_0_is_rejected():
+    """The in-process engine always takes the first visible GPU; the trainer must not be elsewhere."""
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES=1 --device cuda"):
+        VLLMEngine("unused", torch.float32, 64, 0.3, 0, [3], 0, None, device="cuda:1")
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """benchmarks/vllm_gpu_check.py (prepared for a GPU) runs end to end on CPU with the tiny model."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, os.path.join(root, "benchmarks", "vllm_gpu_check.py"), "--device", "cpu",
+               "--num-prompts", "4", "--n", "2", "--max-new-tokens", "8", "--repeats", "1",
+               "--trainer-dtype", "bfloat16", "--vllm-dtype", "float32"]  # bf16 -> fp32: every sync casts
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for line in ("reload_weights signature", "logprob gap", "storage moved", "sync memory", "tokens/s",
+                 "all checks passed"):
+        assert line in result.stdout, line
