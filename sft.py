@@ -30,8 +30,8 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_final_model
-from common.cli import arg_error, check, exact_div
+from common.checkpoint import resume_from, save_checkpoint, save_final_model, stop_if_not_finite
+from common.cli import Dtype, check, check_device, exact_div
 from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import completion_logprobs, masked_sum
 from common.models import (
@@ -44,7 +44,7 @@ from common.models import (
     pick_dtype,
 )
 from common.tasks import DEFAULT_TASK, encode_demonstrations, format_prompt, load_task, rows_at
-from common.tracking import RunLogger, print_config
+from common.tracking import RunLogger, print_config, print_eval
 
 
 @dataclass
@@ -86,9 +86,9 @@ class Args:
     tiny_num_layers: int = 2
     """layers of the tiny model (only with --model tiny)"""
     device: str = "auto"
-    """auto, cpu or cuda"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16"""
+    """auto, cpu, cuda or cuda:N"""
+    dtype: Dtype = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     resume: bool = False
     """continue from runs/<run_name>/checkpoint (same step, data order, optimizer and RNG)"""
     tensorboard: bool = True
@@ -104,10 +104,7 @@ def validate(args: Args):
     exact_div(args.batch_size, args.micro_batch_size, "batch_size", "micro_batch_size")
     check(args.learning_rate > 0, "learning_rate", "must be positive")
     check(args.num_eval_samples >= 1, "num_eval_samples", "must be at least 1")
-    if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        arg_error("dtype", f"unknown dtype {args.dtype!r}; use auto, float32 or bfloat16")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        arg_error("device", f"unknown device {args.device!r}; use auto, cpu or cuda")
+    check_device(args.device)
 
 
 def sft_loss(logprobs: torch.Tensor, completion_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -147,11 +144,8 @@ def main(args: Args):
 
     start_step, data_position = 0, 0
     if args.resume:
-        checkpoint = find_checkpoint(run_dir)
-        check(checkpoint is not None, "resume", f"no checkpoint in {run_dir}/; run without --resume to start")
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_step, data_position = state["step"], state["extra"]["data_position"]
-        print(f"resumed from {checkpoint} at step {start_step}")
+        start_step, extra = resume_from(run_dir, model, optimizer, scheduler, learning_rate=args.learning_rate)
+        data_position = extra["data_position"]
     logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
     print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, task {task.name}, "
@@ -185,6 +179,7 @@ def main(args: Args):
             loss.backward()
             total_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        stop_if_not_finite(step + 1, run_dir, loss=total_loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -214,9 +209,7 @@ def main(args: Args):
     result = evaluate(model, tokenizer, task, args.num_eval_prompts, args.num_eval_samples, eos_ids=eos_ids)
     logger.log(args.total_steps, result)
     logger.close()
-    summary = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k == "accuracy" or k.startswith("pass@"))
-    print(f"eval on {result['num_prompts']} held-out prompts: {summary}")
-    print(f"model saved to {run_dir}/ (load with AutoModelForCausalLM.from_pretrained('{run_dir}'))")
+    print_eval(result, run_dir)
     return result
 
 

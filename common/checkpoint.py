@@ -11,9 +11,12 @@ A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so a run
 while saving still has the previous complete checkpoint.
 """
 
+import json
+import math
 import os
 import random
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -72,17 +75,90 @@ def find_checkpoint(run_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Load weights, optimizer, scheduler and RNG in place; return the state (step, extra)."""
+    """Load weights, optimizer, scheduler and RNG in place; return the state (step, extra).
+
+    A damaged checkpoint (a truncated file, a half-copied folder) exits with one line that
+    names the file and the way out, not a SafetensorError traceback.
+    """
     from transformers import AutoModelForCausalLM
 
-    weights = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
-    model.load_state_dict(weights)
-    state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    try:
+        weights = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
+        model.load_state_dict(weights)
+    except Exception as e:  # SafetensorError, OSError, size mismatches: all mean "this folder is not usable"
+        _damaged(path, "model.safetensors", e)
+    try:
+        state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        _damaged(path, STATE_FILE, e)
     set_rng_state(state["rng"])
     return state
+
+
+def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: float | None = None) -> tuple[int, dict]:
+    """`--resume`: load the latest checkpoint of run_dir in place; return (step, extra).
+
+    learning_rate replaces the saved one (the peak, with a scheduler), so a run stopped for
+    diverging can resume with a lower --learning-rate; unchanged flags resume exactly.
+    """
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        sys.exit(f"error: --resume: no checkpoint in {run_dir}/; run without --resume to start")
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    if learning_rate is not None and scheduler is None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+    elif learning_rate is not None:  # LambdaLR: lr = base_lr * factor(step); rescale, the factor resumes as is
+        scale = learning_rate / scheduler.base_lrs[0]  # exactly 1.0 when the flag is unchanged
+        scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+    print(f"resumed from {checkpoint} at step {state['step']}")
+    return state["step"], state["extra"]
+
+
+def _damaged(path: str, name: str, error: Exception):
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    sys.exit(f"error: --resume: {os.path.join(path, name)} is damaged ({type(error).__name__}: {reason}). "
+             f"Delete {path} and resume from an older copy if one is beside it, or start again without --resume.")
+
+
+def stop_if_not_finite(step: int, run_dir: str, **values):
+    """Stop a diverging run at the first non-finite loss or gradient, before the optimizer applies it.
+
+    One line names the step, the quantity and the checkpoint to resume from; weights that have
+    gone NaN would otherwise crash several steps later deep inside sampling (torch.multinomial).
+    """
+    for name, value in values.items():
+        if not math.isfinite(float(value)):
+            checkpoint = find_checkpoint(run_dir)
+            if checkpoint is None:
+                where = "no checkpoint was written yet; lower --learning-rate (or --max-grad-norm) and start again"
+            else:
+                saved = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=False)["step"]
+                where = (f"the last checkpoint is {checkpoint} (step {saved}); lower --learning-rate "
+                         "(or --max-grad-norm) and add --resume")
+            sys.exit(f"error: step {step}: {name} is {float(value)}; stopped before the optimizer applied it. {where}.")
+
+
+def warn_if_task_mismatch(model_path: str, task_name: str):
+    """Warn in one line when --model is a run folder trained on another task (its args.json says which).
+
+    Starting RL on task B from an SFT model of task A runs to the end and reports 0.000
+    everywhere; the warning says why before the first step.
+    """
+    try:
+        with open(os.path.join(model_path, "args.json")) as f:
+            trained_on = json.load(f).get("task")
+    except (OSError, ValueError):
+        return  # a hub model or a folder we did not write: nothing to compare
+    if trained_on and trained_on != task_name:
+        print(f"warning: --task {task_name}: the model {model_path} was trained on task {trained_on!r} "
+              f"(its args.json); train one on {task_name} first, e.g. `python sft.py --task {task_name} "
+              f"--run-name sft_{task_name}`, and pass --model runs/sft_{task_name}")
 
 
 def save_final_model(run_dir: str, model, tokenizer) -> str:

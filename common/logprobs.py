@@ -144,3 +144,42 @@ def _grouped_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids,
     logits = torch.cat([first_logits, rest_logits], dim=1) / temperature  # (B, C, V)
     logprobs = selective_log_softmax(logits, completion_ids)  # (B, C)
     return logprobs, entropy_from_logits(logits) if with_entropy else None
+
+
+def rollout_logprobs(model, batch, *, temperature: float = 1.0, with_entropy: bool = False, group_size: int = 1):
+    """`completion_logprobs` of a Rollout (or a slice of one): (B, C) logprobs, (B, C) entropy or None.
+
+    group_size G > 1 runs each shared prompt once (the batch must hold whole groups of G).
+    """
+    return completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.completion_mask, temperature, with_entropy, group_size)
+
+
+@torch.no_grad()
+def score_rollout(model, rollout, micro_size: int, *, temperature: float = 1.0, with_entropy: bool = False,
+                  group_size: int = 1):
+    """A no-grad scoring pass over the whole rollout in micro-batches of micro_size rows.
+
+    What the RL scripts' "Score" step runs with the rollout-time policy (logp_old) and the
+    frozen reference (logp_ref). Returns (B, C) logprobs and (B, C) entropy or None.
+    """
+    parts = [rollout_logprobs(model, rollout[i:i + micro_size], temperature=temperature, with_entropy=with_entropy,
+                              group_size=group_size) for i in range(0, len(rollout), micro_size)]
+    logprobs = torch.cat([lp for lp, _ in parts])  # (B, C)
+    return logprobs, torch.cat([h for _, h in parts]) if with_entropy else None
+
+
+def rollout_logits(model, batch, *, temperature: float = 1.0) -> torch.Tensor:
+    """The full next-token logits / T at every completion position of a Rollout (slice): (B, C, V).
+
+    Position t predicts completion token t, as in `completion_logprobs`. For losses over the whole
+    distribution (on-policy distillation's exact per-position KL); everything else needs only the
+    sampled token's logprob (`rollout_logprobs`), which never keeps a (B, C, V) tensor around.
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)  # (B, P + C)
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)  # (B, P + C)
+    num_completion = batch.completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), logits_to_keep=num_completion + 1,
+                   use_cache=False).logits  # (B, C + 1, V)
+    return logits[:, :-1, :].float() / temperature

@@ -3,7 +3,7 @@
 A verifier returns `(score, reason)`: score in [0, 1], reason one of REASONS, so a run can
 log *why* completions got nothing (no answer at all vs. a wrong one vs. malformed text).
 Format and length terms are separate functions with separate weights, logged separately
-(ALGORITHMS.md section 6).
+(docs/spec.md §6).
 
 Answer equivalence is the hard part: "1,234" == "1234", "96%" == "96", "$4.50" == "4.5",
 "3/4" == "0.75". Numbers are normalised and compared with a relative tolerance; for math,
@@ -175,20 +175,28 @@ def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
     return -1.0
 
 
-def score_completions(
+def score_rows(
     verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0
-) -> tuple[list[float], dict[str, list[float]], Counter]:
+) -> tuple[list[float], dict[str, list[float]], list[str]]:
     """Total reward per completion = correctness + format_weight * format.
 
-    Returns (rewards, terms, reasons): `terms` holds each term per completion, to log
-    separately; `reasons` counts why correctness was what it was.
+    Returns (rewards, terms, reasons), one entry per completion: `terms` holds each term, to
+    log separately; `reasons` says why correctness was what it was (one of REASONS).
     """
     verify = VERIFIERS[verifier]
-    correct, formatted, reasons = [], [], Counter()
+    correct, formatted, reasons = [], [], []
     for completion, answer, eos in zip(completions, answers, ended_with_eos, strict=True):
         score, reason = verify(completion, answer)
         correct.append(score)
-        reasons[reason] += 1
+        reasons.append(reason)
         formatted.append(format_reward(completion, eos))
     rewards = [c + format_weight * f for c, f in zip(correct, formatted)]
     return rewards, {"correct": correct, "format": formatted}, reasons
+
+
+def score_completions(
+    verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0
+) -> tuple[list[float], dict[str, list[float]], Counter]:
+    """`score_rows` with the reasons counted: (rewards, terms, Counter of reasons)."""
+    rewards, terms, reasons = score_rows(verifier, completions, answers, ended_with_eos, format_weight)
+    return rewards, terms, Counter(reasons)

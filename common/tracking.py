@@ -10,6 +10,9 @@ import json
 import math
 import os
 import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 
 
 def _jsonable(value):
@@ -78,3 +81,53 @@ def read_metrics(run_dir: str) -> list[dict]:
 def print_config(config: dict):
     width = max(len(k) for k in config)
     print("\n".join(f"  {k:<{width}}  {v}" for k, v in config.items()))
+
+
+@contextmanager
+def timed(times: dict, key: str):
+    """Add the seconds spent in the `with` block to times[key] (the step-time split: generate, score, ...)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+class StepStats:
+    """Diagnostics of one step, gathered over its micro-batches and optimizer steps.
+
+    `tokens(mask, name=tensor, ...)` accumulates masked sums, so each name ends up as the mean
+    over all valid tokens of the step (not a mean of micro-batch means, which would weight a
+    short micro-batch as much as a long one). `values(name=float)` averages plain numbers
+    (loss, grad_norm); `maxes(name=float)` keeps the largest.
+    """
+
+    def __init__(self):
+        self.sums, self.counts, self.largest = defaultdict(float), defaultdict(float), {}
+
+    def tokens(self, mask, **tensors):
+        count = float(mask.sum())
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                self.sums[name] += float((tensor.detach().float() * mask).sum())
+                self.counts[name] += count
+
+    def values(self, **numbers):
+        for name, number in numbers.items():
+            self.sums[name] += float(number)
+            self.counts[name] += 1
+
+    def maxes(self, **numbers):
+        for name, number in numbers.items():
+            self.largest[name] = max(self.largest.get(name, -math.inf), float(number))
+
+    def summary(self) -> dict:
+        means = {name: self.sums[name] / self.counts[name] if self.counts[name] else math.nan for name in self.sums}
+        return {**means, **self.largest}
+
+
+def print_eval(result: dict, run_dir: str):
+    """The closing lines of every script: the eval record's accuracy and pass@k, and where the model is."""
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k == "accuracy" or k.startswith("pass@"))
+    print(f"eval on {result['num_prompts']} held-out prompts: {summary}")
+    print(f"model saved to {run_dir}/ (AutoModelForCausalLM.from_pretrained('{run_dir}') loads it)")

@@ -7,19 +7,28 @@ import pytest
 import torch
 
 from grpo import (
+    PRESETS,
     Args,
     aggregate_loss,
     cispo_loss,
     clip_cov_mask,
-    clipped_surrogate,
     compute_advantages,
-    grpo_token_loss,
+    gspo_log_ratio,
     kl_cov_mask,
     kl_penalty,
     mismatch_weights,
     parse_args,
+    policy_token_loss,
+    sapo_loss,
     top_entropy_mask,
 )
+
+
+def clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip_c=0.0):
+    """grpo.policy_token_loss on given ratios (logp_old = 0, logp = log r), the plain clipped path."""
+    args = Args(eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c)
+    logp = torch.log(ratio) if not ratio.requires_grad else ratio
+    return policy_token_loss(logp, torch.zeros_like(logp), adv, torch.ones_like(logp), args)
 
 
 def test_advantages_every_scaling_mode():
@@ -83,7 +92,7 @@ def test_clip_removes_gradient_only_beyond_the_range():
     logp = torch.tensor([0.0, 0.0, 0.0], requires_grad=True)
     logp_old = torch.tensor([0.0, -0.5, 0.5])  # ratios 1, e^0.5 = 1.65, e^-0.5 = 0.61
     adv = torch.tensor([1.0, 1.0, -1.0])
-    loss, _, _ = clipped_surrogate(torch.exp(logp - logp_old), adv, 0.2, 0.2)
+    loss, _, _ = policy_token_loss(logp, logp_old, adv, torch.ones(3), Args(eps_low=0.2, eps_high=0.2))
     loss.sum().backward()
     assert logp.grad[0].item() == pytest.approx(-1.0)  # d(-r A)/dlogp = -r A at r = 1
     assert logp.grad[1].item() == 0.0  # r > 1 + eps with A > 0: clipped
@@ -121,7 +130,8 @@ def test_gspo_token_form_matches_sequence_objective_value_and_gradient():
     args = Args(importance_level="sequence", eps_low=3e-4, eps_high=4e-4, beta=0.0)
 
     logp = logp0.clone().requires_grad_(True)
-    token_loss, stats = grpo_token_loss(logp, logp_old, None, None, adv.unsqueeze(-1), mask, args)
+    token_loss, _, _ = policy_token_loss(logp, logp_old, adv.unsqueeze(-1), mask, args)
+    ratio = torch.exp(gspo_log_ratio(logp, logp_old, mask)).detach()
     loss = aggregate_loss(token_loss, mask, "seq-mean-token-mean", B, int(mask.sum()), C)
     loss.backward()
 
@@ -133,7 +143,7 @@ def test_gspo_token_form_matches_sequence_objective_value_and_gradient():
         s = torch.exp((logp_ref[i, :n] - logp_old[i, :n]).mean())
         per_seq.append(torch.maximum(-s * adv[i], -torch.clamp(s, 1 - 3e-4, 1 + 4e-4) * adv[i]))
         # value: every valid token carries the sequence ratio
-        assert torch.allclose(stats["ratio"][i, :n], s.detach().expand(n), atol=1e-6)
+        assert torch.allclose(ratio[i, :n], s.detach().expand(n), atol=1e-6)
     seq_loss = torch.stack(per_seq).mean()
     seq_loss.backward()
     assert loss.item() == pytest.approx(seq_loss.item(), abs=1e-6)
@@ -151,7 +161,7 @@ def test_cispo_gradient_flows_through_clipped_tokens():
     # d/dlogp of -sg(w) A logp = -w A, with w = min(r, 6)
     assert logp.grad.tolist() == pytest.approx([-1.0 * 2.0, -6.0 * 2.0])
     # PPO's clip would have zeroed the second token's gradient
-    ppo, _, _ = clipped_surrogate(torch.exp(logp - logp_old), adv, 0.2, 0.2)
+    ppo, _, _ = policy_token_loss(logp, logp_old, adv, torch.ones(2), Args())
     logp.grad = None
     ppo.sum().backward()
     assert logp.grad[1].item() == 0.0
@@ -211,19 +221,92 @@ def test_top_entropy_mask_keeps_ceil_rho_n_highest():
         assert not dropped or min(kept) >= max(dropped)
 
 
-@pytest.mark.parametrize("mode", ["tis", "icepop"])
+@pytest.mark.parametrize("mode", ["tis", "icepop", "seq_mask", "seq_mask_geo"])
 def test_mismatch_corrections_reduce_to_plain_grpo_when_sampler_agrees(mode):
     torch.manual_seed(5)
     logp_old = -torch.rand(4, 5)
-    assert torch.equal(mismatch_weights(logp_old, logp_old.clone(), mode), torch.ones(4, 5))
-    # and with a gap, TIS caps at C while IcePop drops tokens outside [alpha, beta]
-    rollout = logp_old - torch.tensor([0.0, 1.0, -1.0, 3.0, -3.0])
-    k = torch.exp(logp_old - rollout)
-    tis = mismatch_weights(logp_old, rollout, "tis", tis_cap=2.0)
-    ice = mismatch_weights(logp_old, rollout, "icepop", icepop_bounds=(0.5, 5.0))
-    for j, kj in enumerate(k[0].tolist()):
-        assert tis[0, j].item() == pytest.approx(min(kj, 2.0), rel=1e-6)
-        assert ice[0, j].item() == (1.0 if 0.5 <= kj <= 5.0 else 0.0)
+    mask = torch.ones(4, 5)
+    assert torch.allclose(mismatch_weights(logp_old, logp_old.clone(), mask, Args(mismatch_correction=mode)),
+                          torch.ones(4, 5))
+
+
+def test_tis_and_icepop_weights_against_an_independent_computation():
+    """TIS: min(k, C). IcePop: k itself inside [alpha, beta], 0 outside (IcePop; TRL's token_mask)."""
+    logp_old = torch.tensor([[-1.0, -2.0, -0.5, -3.0, -1.5, -0.1]])
+    logp_rollout = logp_old - torch.tensor([[0.0, 1.0, -1.0, 3.0, -3.0, 0.4]])  # log k_t
+    mask = torch.ones_like(logp_old)
+    tis = mismatch_weights(logp_old, logp_rollout, mask, Args(mismatch_correction="tis", tis_cap=2.0))
+    ice = mismatch_weights(logp_old, logp_rollout, mask, Args(mismatch_correction="icepop", icepop_bounds=(0.5, 5.0)))
+    for j, log_k in enumerate([0.0, 1.0, -1.0, 3.0, -3.0, 0.4]):
+        k = math.exp(log_k)
+        assert tis[0, j].item() == pytest.approx(min(k, 2.0), rel=1e-5)
+        assert ice[0, j].item() == pytest.approx(k if 0.5 <= k <= 5.0 else 0.0, rel=1e-5)
+    assert ice[0, 1].item() == pytest.approx(math.e, rel=1e-5)  # kept tokens carry k, not 1
+
+
+def test_sequence_masked_is_weights_whole_completions():
+    """seq_mask: k_i = prod_t k_t over valid tokens; every token of completion i gets k_i if
+    alpha <= k_i <= beta, else 0. seq_mask_geo: k_i = exp(mean_t log k_t)."""
+    torch.manual_seed(6)
+    B, C = 5, 7
+    lengths = [7, 3, 1, 5, 6]
+    mask = torch.tensor([[1.0] * n + [0.0] * (C - n) for n in lengths])
+    logp_old = -torch.rand(B, C) * 3
+    log_k = torch.randn(B, C) * 0.4
+    log_k[2, 0] = 2.0  # a one-token completion with k = e^2 = 7.4: masked by the upper bound 3
+    # padding: sampler logprobs are 0 there, the trainer's are arbitrary
+    logp_rollout = torch.where(mask.bool(), logp_old - log_k, torch.zeros_like(log_k))
+    for mode, bounds in (("seq_mask", (0.0, 3.0)), ("seq_mask_geo", (0.9, 1.1))):
+        w = mismatch_weights(logp_old, logp_rollout, mask, Args(mismatch_correction=mode, seq_mask_bounds=bounds))
+        for i, n in enumerate(lengths):
+            logs = [log_k[i, t].item() for t in range(n)]
+            k = math.exp(sum(logs)) if mode == "seq_mask" else math.exp(sum(logs) / n)
+            expected = k if bounds[0] <= k <= bounds[1] else 0.0
+            assert w[i, :n].tolist() == pytest.approx([expected] * n, rel=1e-5), (mode, i)
+    assert mismatch_weights(logp_old, logp_rollout, mask, Args(mismatch_correction="seq_mask"))[2].sum() == 0
+
+
+def test_sapo_gate_value_and_gradient():
+    """SAPO: l = -(4 / tau) sigmoid(tau (r - 1)) A, tau by the sign of A; at r = 1 the gradient
+    equals the unclipped surrogate's (-A), and it fades smoothly (never exactly 0) away from 1."""
+    log_r = torch.tensor([0.0, 0.0, 0.5, -0.5, 2.0, -2.0], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    loss = sapo_loss(torch.exp(log_r), adv, 1.0, 1.05)
+    loss.sum().backward()
+    for j in range(6):
+        r, a = math.exp(log_r[j].item()), adv[j].item()
+        tau = 1.0 if a > 0 else 1.05
+        sig = 1 / (1 + math.exp(-tau * (r - 1)))
+        assert loss[j].item() == pytest.approx(-(4 / tau) * sig * a, rel=1e-5)
+        # d l / d log r = -A * 4 sig (1 - sig) * r  (chain rule through r = exp(log r))
+        assert log_r.grad[j].item() == pytest.approx(-a * 4 * sig * (1 - sig) * r, rel=1e-4)
+    assert log_r.grad[0].item() == pytest.approx(-1.0) and log_r.grad[1].item() == pytest.approx(1.0)
+    assert (log_r.grad[2:].abs() > 0).all()  # a hard clip would give exactly 0 at r = 1.65 (A > 0)
+    # and through policy_token_loss with --policy-loss sapo
+    logp = torch.tensor([[0.5]], requires_grad=True)
+    via_args, _, _ = policy_token_loss(logp, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1),
+                                       Args(policy_loss="sapo"))
+    assert via_args.item() == pytest.approx(sapo_loss(torch.tensor(math.exp(0.5)), torch.tensor(1.0), 1.0, 1.05).item())
+
+
+def test_every_preset_is_in_the_docstring_and_sets_what_it_says():
+    import grpo
+
+    for name, overrides in PRESETS.items():
+        args = parse_args(["--preset", name])
+        assert args.preset == name
+        for key, value in overrides.items():
+            if key != "overlong_cache_len":  # -1 = "a quarter of the budget", resolved in main
+                assert getattr(args, key) == value, (name, key)
+        if name != "grpo":
+            line = next(line for line in grpo.__doc__.splitlines() if f"--preset {name} " in line)
+            flags = line + next(iter(grpo.__doc__.split(line)[1].splitlines()[1:2]), "")
+            for key, value in overrides.items():
+                flag = "--" + key.replace("_", "-")
+                assert flag in flags, (name, flag)
+                if not isinstance(value, bool) and key != "overlong_cache_len":
+                    shown = f"{value:g}" if isinstance(value, float) else str(value)
+                    assert f"{flag} {shown}" in flags, (name, flag, value)
 
 
 def test_presets_set_their_recipe_and_explicit_flags_win():
@@ -256,7 +339,7 @@ def test_grpo_gradient_does_not_depend_on_left_padding():
         model.zero_grad()
         logp, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask)
         logp, mask = logp[rows], c_mask[rows].float()
-        token_loss, _ = grpo_token_loss(logp, logp.detach(), None, None, adv, mask, args)
+        token_loss, _, _ = policy_token_loss(logp, logp.detach(), adv, mask, args)
         aggregate_loss(token_loss, mask, "token-mean", 4, int(mask.sum()), 8).backward()
         return [p.grad.clone() for p in model.parameters()]
 

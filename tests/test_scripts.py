@@ -1,6 +1,7 @@
 """The real scripts, end to end at tiny scale: they learn, resume exactly, and reject bad flags."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -121,6 +122,13 @@ def _run(script, *flags, cwd):
         ("grpo.py", ["--preset", "nonsense"], "--preset"),
         ("grpo.py", ["--group-size", "1"], "--group-size"),
         ("grpo.py", ["--num-prompts", "3", "--num-minibatches", "2"], "--num-minibatches"),
+        ("grpo.py", ["--device", "nope"], "--device"),
+        # knob pairs that would silently drop one of the two
+        ("grpo.py", ["--policy-loss", "cispo", "--cov-penalty", "kl_cov"], "cispo and --cov-penalty kl_cov"),
+        ("grpo.py", ["--policy-loss", "sapo", "--cov-penalty", "kl_cov"], "sapo and --cov-penalty kl_cov"),
+        ("grpo.py", ["--policy-loss", "cispo", "--dual-clip-c", "3"], "--dual-clip-c"),
+        ("grpo.py", ["--cov-penalty", "kl_cov", "--dual-clip-c", "3"], "--dual-clip-c"),
+        ("grpo.py", ["--sync-every", "2"], "--sync-every"),
     ],
 )
 def test_bad_flags_exit_with_one_line_naming_the_flag(tmp_path, script, flags, expected):
@@ -129,6 +137,14 @@ def test_bad_flags_exit_with_one_line_naming_the_flag(tmp_path, script, flags, e
     last = out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
     assert expected in last and last.startswith("error:"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py"])
+def test_a_bad_dtype_is_rejected_by_the_parser(tmp_path, script):
+    """--dtype is a Literal: tyro names the flag and the choices, no KeyError from deep inside."""
+    out = _run(script, "--dtype", "nope", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "--dtype" in out.stderr and "bfloat16" in out.stderr, out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,28 +175,146 @@ def test_grpo_gradient_does_not_depend_on_micro_batch_size(sft_run, tmp_path, mo
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-PRESETS_AND_KNOBS = [
-    ["--preset", "dr_grpo"],
-    ["--preset", "dapo"],
-    ["--preset", "gspo"],
-    ["--preset", "cispo"],
-    ["--num-epochs", "2", "--num-minibatches", "2", "--dual-clip-c", "3"],
-    ["--cov-penalty", "clip_cov", "--clip-cov-ratio", "0.05"],
-    ["--cov-penalty", "kl_cov"],
-    ["--top-entropy-rho", "0.2", "--ent-coef", "0.01"],
-    ["--mismatch-correction", "tis"],
-    ["--mismatch-correction", "icepop", "--kl-estimator", "k2", "--mask-truncated"],
-    ["--scale-rewards", "batch", "--format-weight", "0.5", "--overlong-cache-len", "2"],
-]
+def _steps(run="grpo"):
+    return [r for r in read_metrics(f"runs/{run}") if "event" not in r]
 
 
-@pytest.mark.parametrize("flags", PRESETS_AND_KNOBS, ids=lambda f: " ".join(f))
-def test_every_preset_and_knob_runs(sft_run, tmp_path, monkeypatch, flags):
+@pytest.mark.parametrize("preset", list(grpo.PRESETS))
+def test_every_preset_runs_and_trains(sft_run, tmp_path, monkeypatch, preset):
     monkeypatch.chdir(tmp_path)
-    result = _grpo(sft_run[0], "--total-steps", "2", "--num-prompts", "8", *flags)
-    steps = [r for r in read_metrics("runs/grpo") if "event" not in r]
-    assert len(steps) == 2 and all(r["grad_norm"] is not None for r in steps if "skipped" not in r)
-    assert 0 <= result["accuracy"] <= 1
+    result = _grpo(sft_run[0], "--preset", preset, "--total-steps", "2", "--num-prompts", "8")
+    steps = _steps()
+    assert len(steps) == 2
+    trained = [r for r in steps if not r.get("skipped")]
+    assert trained and all(r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in trained)
+    assert {"accuracy", "pass@1", "pass@2"} <= set(result)
+
+
+def test_top_entropy_rho_keeps_that_fraction_of_tokens(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--total-steps", "2", "--num-prompts", "8", "--top-entropy-rho", "0.2")
+    kept = [r["frac_tokens_kept"] for r in _steps()]
+    assert all(abs(k - 0.2) < 0.02 for k in kept), kept  # ceil(0.2 N) of N ~ 240 tokens
+
+
+def test_clip_acts_only_when_the_policy_moves_within_a_step(sft_run, tmp_path, monkeypatch):
+    """One update per batch: r = 1, nothing is clipped. Several: later minibatches see r != 1."""
+    monkeypatch.chdir(tmp_path)
+    tight = ["--total-steps", "2", "--num-prompts", "8", "--eps-low", "0.002", "--eps-high", "0.002"]
+    _grpo(sft_run[0], *tight, "--run-name", "one")
+    _grpo(sft_run[0], *tight, "--run-name", "many", "--num-epochs", "2", "--num-minibatches", "2")
+    assert all(r["clip_frac_low"] == 0 and r["clip_frac_high"] == 0 for r in _steps("one"))
+    assert all(r["clip_frac_low"] + r["clip_frac_high"] > 0 for r in _steps("many"))
+
+
+def test_dynamic_sampling_trains_on_groups_with_signal_only(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--total-steps", "3", "--num-prompts", "8", "--dynamic-sampling", "--run-name", "dapo")
+    assert all(r["frac_zero_std_groups_trained"] == 0 for r in _steps("dapo"))
+    # with one new token every 2-digit answer is wrong: every group has zero std. Plain GRPO trains on
+    # them anyway (zero advantages); dynamic sampling finds nothing to keep and skips the step.
+    one_token = ["--total-steps", "2", "--num-prompts", "4", "--max-new-tokens", "1"]
+    _grpo(sft_run[0], *one_token, "--run-name", "plain")
+    assert all(r["frac_zero_std_groups_trained"] == 1 == r["frac_zero_std_groups"] for r in _steps("plain"))
+    _grpo(sft_run[0], *one_token, "--dynamic-sampling", "--max-resample-rounds", "1", "--run-name", "hopeless")
+    hopeless = _steps("hopeless")
+    assert all(r["skipped"] == 1 and r["loss"] is None and r["frac_zero_std_groups"] == 1 for r in hopeless)
+    assert all(r["resample_rounds"] == 1 for r in hopeless)  # it tried once more before giving up
+
+
+def test_mask_truncated_removes_cut_completions_from_the_gradient(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short = ["--total-steps", "1", "--num-prompts", "8", "--max-new-tokens", "2", "--beta", "0"]
+    _grpo(sft_run[0], *short, "--run-name", "kept")
+    _grpo(sft_run[0], *short, "--run-name", "masked", "--mask-truncated")
+    kept, masked = _steps("kept")[0], _steps("masked")[0]
+    assert kept["frac_truncated"] > 0.9  # a 2-digit answer and its EOS need 3 tokens
+    assert kept["grad_norm"] > 0 and masked["grad_norm"] < 1e-6 * kept["grad_norm"] + 1e-12
+
+
+def test_entropy_bonus_and_reward_terms_show_in_the_loss_and_log(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--total-steps", "1", "--num-prompts", "8", "--beta", "0", "--loss-agg", "token-mean"]
+    _grpo(sft_run[0], *base, "--run-name", "plain")
+    _grpo(sft_run[0], *base, "--run-name", "bonus", "--ent-coef", "0.1")
+    plain, bonus = _steps("plain")[0], _steps("bonus")[0]
+    assert bonus["loss"] - plain["loss"] == pytest.approx(-0.1 * plain["entropy"], rel=1e-4)
+    _grpo(sft_run[0], "--total-steps", "1", "--num-prompts", "8", "--format-weight", "0.5", "--max-new-tokens", "3",
+          "--overlong-cache-len", "1", "--run-name", "terms")
+    terms = _steps("terms")[0]
+    assert terms["reward"] == pytest.approx(terms["sampled_accuracy"] + 0.5 * terms["reward/format"]
+                                            + terms["reward/overlong"], abs=1e-6)
+    assert terms["reward/overlong"] < 0  # 3 tokens = L_max: inside the cache window
+
+
+def test_kl_cov_and_clip_cov_change_the_update(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--total-steps", "1", "--num-prompts", "8", "--num-minibatches", "2", "--beta", "0"]
+    _grpo(sft_run[0], *base, "--run-name", "plain")
+    _grpo(sft_run[0], *base, "--run-name", "klcov", "--cov-penalty", "kl_cov", "--kl-cov-ratio", "0.2")
+    _grpo(sft_run[0], *base, "--run-name", "clipcov", "--cov-penalty", "clip_cov", "--clip-cov-ratio", "0.05",
+          "--clip-cov-bounds", "-100", "100")
+    plain, klcov, clipcov = _steps("plain")[0], _steps("klcov")[0], _steps("clipcov")[0]
+    assert klcov["loss"] != pytest.approx(plain["loss"], abs=1e-7)  # |logp - logp_old| > 0 in minibatch 2
+    assert clipcov["frac_tokens_kept"] < 1 and plain["frac_tokens_kept"] == 1
+
+
+def test_sync_every_makes_the_sampler_stale(sft_run, tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--rollout", "vllm", "--sync-every", "2", "--total-steps", "4", "--num-prompts", "4")
+    steps = _steps()
+    assert [r["rollout_staleness"] for r in steps] == [0, 1, 0, 1]
+    assert [r["sync_time"] > 0 for r in steps] == [False, True, False, True]
+    assert steps[1]["mismatch_mean_abs"] > 1e-4 > steps[0]["mismatch_mean_abs"]  # stale weights differ
+
+
+def test_task_mismatch_warns_in_one_line(sft_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--task", "add", "--total-steps", "1", "--num-prompts", "2")
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: --task add")]
+    assert len(warning) == 1 and "add_noisy" in warning[0]
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        _grpo(sft_run[0], "--learning-rate", "1e4", "--max-grad-norm", "1e9", "--total-steps", "6", "--save-every", "1",
+              "--num-prompts", "4")
+    message = str(stop.value)
+    assert message.startswith("error: step ") and "stopped before the optimizer applied it" in message
+    step = int(message.split()[2].rstrip(":"))
+    assert f"runs/grpo/checkpoint (step {step - 1})" in message and "--resume" in message
+    assert len(_steps()) == step - 1  # the bad step was never applied nor logged
+    with pytest.raises(SystemExit, match="error: step .*: (loss|grad_norm) is"):
+        sft.main(sft.Args(run_name="sft_boom", learning_rate=1e4, max_grad_norm=1e9, total_steps=20, eval_every=0,
+                          tiny_hidden_size=32, batch_size=16, micro_batch_size=16, **QUIET))
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--total-steps", "2", "--save-every", "1", "--num-prompts", "2")
+    weights = "runs/grpo/checkpoint/model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    out = _run("grpo.py", "--model", sft_run[0], "--resume", "--total-steps", "3", "--num-prompts", "2",
+               "--no-tensorboard", cwd=tmp_path)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert last.startswith("error: --resume:") and weights in last and "damaged" in last, out.stderr[-1500:]
+
+
+def test_readme_lists_every_metric_a_grpo_step_logs(sft_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _grpo(sft_run[0], "--total-steps", "1", "--num-prompts", "2")
+    record = _steps()[0]
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("What `grpo.py` logs each step"):]
+    section = section[:section.index("\n\n")]
+    for key in record:
+        shown = key.split("/")[0] + "/" if "/" in key else key
+        assert f"`{shown}" in section, f"README does not list {key}"
 
 
 def test_grpo_resume_continues_exactly(sft_run, tmp_path, monkeypatch):
@@ -194,11 +328,12 @@ def test_grpo_resume_continues_exactly(sft_run, tmp_path, monkeypatch):
     _grpo(sft_run[0], *flags, "--run-name", "resumed", "--resume")
     straight, resumed = read_metrics("runs/straight"), read_metrics("runs/resumed")
     assert [r["step"] for r in resumed if "event" not in r] == list(range(1, 7))
-    keys = ("reward", "loss", "completion_length")
+    keys = ("reward", "loss", "completion_length", "grad_norm")
     assert [[r[k] for k in keys] for r in resumed[:6]] == [[r[k] for k in keys] for r in straight[:6]]
-    with open("runs/resumed/checkpoint/trainer_state.pt", "rb"):
-        state = torch.load("runs/resumed/checkpoint/trainer_state.pt", weights_only=False)
+    state = torch.load("runs/resumed/checkpoint/trainer_state.pt", weights_only=False)
     assert state["step"] == 6 and state["extra"]["data_position"] == 6 * 4
+    for name, value in _weights("runs/straight").items():
+        assert torch.equal(value, _weights("runs/resumed")[name]), name
 
 
 def test_grpo_learns_beyond_the_teacher(sft_run, tmp_path, monkeypatch):
