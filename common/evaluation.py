@@ -2,18 +2,19 @@
 
 Every script ends with `evaluate(...)` and logs its result as the final
 `{"event": "eval", ...}` record of metrics.jsonl, so runs of different scripts compare.
+`evaluate(..., num_samples=64, ks=range(1, 65))` gives the whole pass@k curve (does RL only
+sharpen what the model can already sample, or does it reach new answers? Yue et al., 2025),
+and a task whose test split has a `slice` column gets every number per slice as well.
 """
 
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from common.rewards import score_completions
 from common.rollout import generate
 from common.tasks import format_prompt
-
-PASS_AT = (1, 2, 4, 8)
-
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021): 1 - C(n - c, k) / C(n, k), n samples, c correct.
@@ -28,6 +29,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def pass_at_k_curve(counts: Sequence[tuple[int, int]], ks: Iterable[int]) -> dict[int, float]:
+    """Mean unbiased pass@k over prompts, for each k: {k: pass@k}. counts holds (n, c) per prompt.
+
+    >>> pass_at_k_curve([(4, 1), (4, 0)], ks=[1, 2, 4])  # one prompt right 1 time in 4, one never
+    {1: 0.125, 2: 0.25, 4: 0.5}
+    """
+    if not counts:
+        raise ValueError("pass@k of no prompts is undefined")
+    return {k: sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
+
+
+def powers_of_two(n: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to n: the default ks (n = 8 gives the classic pass@1, 2, 4, 8)."""
+    return tuple(2**i for i in range(n.bit_length()))
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -40,16 +57,22 @@ def evaluate(
     engine=None,
     eos_ids=None,
     seed: int = 1234,
+    ks: Iterable[int] | None = None,
 ) -> dict:
-    """Greedy accuracy and pass@k (k in 1, 2, 4, 8 up to num_samples) on the task's test split.
+    """Greedy accuracy and pass@k on the task's test split; k in ks (default 1, 2, 4, ... up to num_samples).
 
     pass@1 is the mean correctness of T = 1 samples ("sampled accuracy"); `accuracy` is
     greedy. Sampling runs under its own seed inside a forked RNG, so evaluating in the middle
     of training neither changes the training run nor depends on when it happens.
+    When the test split has a `slice` column, the result also holds `accuracy/<slice>`,
+    `pass@k/<slice>` and `num_prompts/<slice>` for each slice (after the usual keys).
     """
+    ks = powers_of_two(num_samples) if ks is None else tuple(ks)
+    if not ks or min(ks) < 1 or max(ks) > num_samples:
+        raise ValueError(f"ks must lie in 1..num_samples={num_samples}, got {ks}")
     test = task.test.select(range(min(num_prompts, len(task.test))))
     max_new_tokens = max_new_tokens or task.max_new_tokens
-    greedy_correct, pass_k = [], {k: [] for k in PASS_AT if k <= num_samples}
+    greedy_correct, counts = [], []  # per prompt: greedy right (0/1), (samples, right samples)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         for start in range(0, len(test), batch_size):
@@ -66,12 +89,21 @@ def evaluate(
             _, terms, _ = score_completions(task.verifier, sampled.completions, sampled_answers,
                                             sampled.is_eos.tolist())
             correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
-            for k in pass_k:
-                pass_k[k] += [pass_at_k(num_samples, int(c), k) for c in correct_per_prompt]
+            counts += [(num_samples, int(c)) for c in correct_per_prompt]
     result = {"event": "eval", "accuracy": sum(greedy_correct) / len(greedy_correct)}
-    result.update({f"pass@{k}": sum(v) / len(v) for k, v in pass_k.items()})
+    result.update({f"pass@{k}": v for k, v in pass_at_k_curve(counts, ks).items()})
     result["num_prompts"] = len(test)
     result["num_samples"] = num_samples
+    if "slice" in test.column_names:
+        slice_of = test["slice"][:]
+        names = list(getattr(task, "slices", ())) or sorted(set(slice_of))
+        for name in names:
+            rows = [i for i, s in enumerate(slice_of) if s == name]
+            if not rows:
+                continue  # a slice absent from the evaluated prompts has no accuracy, not 0
+            result[f"accuracy/{name}"] = sum(greedy_correct[i] for i in rows) / len(rows)
+            result.update({f"pass@{k}/{name}": v for k, v in pass_at_k_curve([counts[i] for i in rows], ks).items()})
+            result[f"num_prompts/{name}"] = len(rows)
     return result
 
 

@@ -4,8 +4,13 @@ Every task yields two splits with the same columns:
     question       str   the user turn
     answer         str   the reference the verifier checks against
     demonstration  str   an expert completion (what SFT imitates); may be wrong on purpose
-and names its verifier (see common/rewards.py). The chat template turns `question` into the
-prompt, so the same task text serves the tiny char-level model and a Qwen chat model.
+and names its verifier (see common/rewards.py). Two optional columns, in both splits:
+    expert         str   a *correct* demonstration, where `demonstration` is noisy on purpose
+                         (what an SFT+RL mixing script injects: `Task.has_expert`)
+    slice          str   which part of the task a row belongs to (e.g. "carry" / "no_carry"),
+                         so evaluation reports accuracy per slice (`Task.slices`)
+The chat template turns `question` into the prompt, so the same task text serves the tiny
+char-level model and a Qwen chat model.
 
 Registry: `TASKS[name](seed) -> Task`. One flag (`--task NAME`) picks any of them.
 
@@ -22,7 +27,11 @@ seed article's claim: SFT's ceiling is the teacher; RL can go past it):
   GRPO moves sampled accuracy from ~0.6 towards 1 in CPU-minutes.
 `add_carry_noisy` is the harder variant (the teacher drops the carry on most carry
 problems, so the mode itself is wrong there and RL must find answers the teacher rarely
-shows); `add` is the clean teacher (SFT alone solves it; little headroom for RL).
+shows); `add_carry_always_wrong` takes that to the limit (the teacher *always* drops it, so
+the SFT model cannot sample the right answer on the carry slice at all: RL alone has no
+signal there, and only a clean expert, the `expert` column, can teach it); `add` is the
+clean teacher (SFT alone solves it; little headroom for RL). `countdown` has many right
+answers per prompt and a problem space too large to memorise (see make_countdown_task).
 """
 
 import random
@@ -44,12 +53,28 @@ class Task:
     system_prompt: str | None = None
     max_new_tokens: int = 8
     """a sensible completion budget for this task"""
+    has_expert: bool = False
+    """both splits have an `expert` column: a correct demonstration beside the noisy one"""
+    slices: tuple[str, ...] = ()
+    """the values of the `slice` column both splits have, in report order; () = no slices"""
+
+    def __post_init__(self):
+        """Fail at once (one line) when the optional columns do not match what the task claims."""
+        for split_name, split in (("train", self.train), ("test", self.test)):
+            if self.has_expert and "expert" not in split.column_names:
+                raise ValueError(f"task {self.name}: has_expert is set but its {split_name} split has no expert column")
+            if self.slices:
+                values = set(split.unique("slice")) if "slice" in split.column_names else {"(no slice column)"}
+                if not values <= set(self.slices):
+                    raise ValueError(f"task {self.name}: {split_name} slices {sorted(values)} are not in {self.slices}")
 
     @property
     def prompts(self) -> Dataset:
         """The train split with one row per distinct question: what RL samples prompts from.
 
         (SFT data can hold several demonstrations per question; RL needs each prompt once.)
+        The optional `expert` and `slice` columns come along, so an RL script can inject the
+        expert's answer for the prompt it sampled, or report its rewards per slice.
         """
         if not hasattr(self, "_prompts"):
             seen, keep = set(), []
@@ -57,7 +82,8 @@ class Task:
                 if question not in seen:
                     seen.add(question)
                     keep.append(i)
-            self._prompts = self.train.select(keep).select_columns(["question", "answer"])
+            columns = [c for c in ("question", "answer", "expert", "slice") if c in self.train.column_names]
+            self._prompts = self.train.select(keep).select_columns(columns)
         return self._prompts
 
 
@@ -80,9 +106,14 @@ def off_by_one_teacher(a: int, b: int, p_wrong: float, rng: random.Random) -> in
     return a + b
 
 
+def has_carry(a: int, b: int) -> bool:
+    """The units digits carry (17+25: 7+5 >= 10): the part of addition `drop_carry_teacher` gets wrong."""
+    return (a % 10) + (b % 10) >= 10
+
+
 def drop_carry_teacher(a: int, b: int, p_drop: float, rng: random.Random) -> int:
     """The noisy teacher of `add_carry_noisy`: forgets the carry out of the units digit."""
-    if (a % 10) + (b % 10) >= 10 and rng.random() < p_drop:
+    if has_carry(a, b) and rng.random() < p_drop:
         return a + b - 10
     return a + b
 
@@ -93,22 +124,35 @@ def make_addition_task(
     seed: int = 0,
     demos_per_prompt: int = 8,
     num_test: int = 500,
+    carry_slices: bool = False,
 ) -> Task:
-    """2-digit addition; `teacher=None` writes the right answer."""
+    """2-digit addition; `teacher=None` writes the right answer.
+
+    Every row also holds the right sum as `expert` (the clean demonstration an SFT+RL mixing
+    script may inject where the teacher is noisy); `carry_slices` adds a `slice` column
+    ("carry" / "no_carry") for the tasks whose teacher fails on carries only.
+    """
     train_pairs, test_pairs = _addition_pairs(seed, num_test)
     rng = random.Random(seed + 1)
-    rows = {"question": [], "answer": [], "demonstration": []}
+    rows = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
     for a, b in train_pairs:
         for _ in range(demos_per_prompt if teacher else 1):
             rows["question"].append(f"{a}+{b}")
             rows["answer"].append(str(a + b))
             rows["demonstration"].append(str(teacher(a, b, rng) if teacher else a + b))
+            rows["expert"].append(str(a + b))
+            rows["slice"].append("carry" if has_carry(a, b) else "no_carry")
     test = {
         "question": [f"{a}+{b}" for a, b in test_pairs],
         "answer": [str(a + b) for a, b in test_pairs],
         "demonstration": [str(a + b) for a, b in test_pairs],
+        "expert": [str(a + b) for a, b in test_pairs],
+        "slice": ["carry" if has_carry(a, b) else "no_carry" for a, b in test_pairs],
     }
-    return Task(name, Dataset.from_dict(rows), Dataset.from_dict(test), verifier="number", max_new_tokens=6)
+    if not carry_slices:
+        del rows["slice"], test["slice"]
+    return Task(name, Dataset.from_dict(rows), Dataset.from_dict(test), verifier="number", max_new_tokens=6,
+                has_expert=True, slices=("carry", "no_carry") if carry_slices else ())
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,48 +160,83 @@ def make_addition_task(
 # ---------------------------------------------------------------------------------------
 
 
-def solve_countdown(numbers: list[int], target: int) -> str | None:
-    """One expression using each number exactly once with + - * that equals target, or None."""
+def random_countdown_problem(
+    rng: random.Random, size: int, max_number: int = 20, max_target: int = 99
+) -> tuple[list[int], int, str]:
+    """Draw numbers, combine them in a random order with random + - *; return (numbers, value, expression).
 
-    def search(items):  # items: list of (value, expression)
-        if len(items) == 1:
-            return items[0][1] if items[0][0] == target else None
-        for i in range(len(items)):
-            for j in range(len(items)):
-                if i == j:
-                    continue
-                (x, ex), (y, ey) = items[i], items[j]
-                rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-                for value, expr in ((x + y, f"({ex}+{ey})"), (x - y, f"({ex}-{ey})"), (x * y, f"{ex}*{ey}")):
-                    found = search(rest + [(value, expr)])
-                    if found:
-                        return found
-        return None
+    Built forwards, so the expression is a right answer by construction and no search is
+    needed (a brute-force solver over 4 numbers costs milliseconds a problem; this,
+    microseconds, which keeps 40k problems under 2 s). Subtraction keeps the larger operand
+    first (no negative steps), a product above max_target becomes + or - (most would
+    overshoot every target), and brackets appear only where precedence needs them:
+    >>> random_countdown_problem(random.Random(3), 4)
+    ([8, 19, 18, 5], 40, '18-5+8+19')
+    """
+    numbers = [rng.randint(1, max_number) for _ in range(size)]
+    items = [(n, str(n), "") for n in numbers]  # (value, expression, its outermost operator)
+    while len(items) > 1:
+        (x, ex, ox) = items.pop(rng.randrange(len(items)))
+        (y, ey, oy) = items.pop(rng.randrange(len(items)))
+        op = rng.choice("+-*")
+        if op == "*" and x * y > max_target:  # most products of 2-digit numbers would overshoot
+            op = rng.choice("+-")
+        if op == "+":
+            combined = (x + y, f"{ex}+{ey}", "+")
+        elif op == "-":
+            if x < y:
+                (x, ex, ox), (y, ey, oy) = (y, ey, oy), (x, ex, ox)
+            combined = (x - y, f"{ex}-({ey})" if oy in ("+", "-") else f"{ex}-{ey}", "-")
+        else:
+            ex, ey = (f"({e})" if o in ("+", "-") else e for e, o in ((ex, ox), (ey, oy)))
+            combined = (x * y, f"{ex}*{ey}", "*")
+        items.append(combined)
+    return numbers, items[0][0], items[0][1]
 
-    found = search([(n, str(n)) for n in numbers])
-    return found[1:-1] if found and found.startswith("(") and found.endswith(")") else found
 
+def make_countdown_task(
+    seed: int = 0, num_train: int = 40_000, num_test: int = 500, frac_three: float = 0.25, max_target: int = 99
+) -> Task:
+    """Countdown: reach the target using each given number once, with + - * (the verifier also takes /).
 
-def make_countdown_task(seed: int = 0, num_train: int = 4000, num_test: int = 300) -> Task:
+    "14 2 9 17->38": "14+9+17-2" and "(17+9)*2-14" are both right (any expression that uses
+    exactly these numbers and equals 38 is); "14+9+17" is wrong (2 unused).
+
+    Why it is built this way:
+    - 3 or 4 numbers in 1..20, targets 1..max_target: ~90k distinct problems (as a multiset of
+      numbers and a target) against the old 1,181 (3 numbers in 1..9, targets to 30). SFT
+      runs ~150k demonstrations, so each training problem is seen ~4 times: too few to
+      memorise, which a 0.5M model did to the old 4,000 prompts (0.98 sampled accuracy on
+      them at the first RL step vs 0.76 held out, and then GRPO had no signal left).
+    - Held out means unseen: train and test share no problem, up to the order of the
+      numbers (the old split shared 282 of its 300 test problems with train, reordered).
+      The test split is the first num_test distinct problems drawn from Random(seed), so
+      it depends on the seed only, not on num_train.
+    - One demonstration per problem, the random expression it was built from: the teacher
+      is right but shows one of many answers, so the SFT model samples several (room for
+      pass@k) and a verifier, not a string match, must judge them.
+    - The `slice` column ("3_numbers" / "4_numbers") splits evaluation by difficulty.
+    """
     rng = random.Random(seed)
-    rows = {"question": [], "answer": [], "demonstration": []}
-    while len(rows["question"]) < num_train + num_test:
-        numbers = [rng.randint(1, 9) for _ in range(3)]
-        target = rng.randint(1, 30)
-        solution = solve_countdown(numbers, target)
-        if solution is None:
-            continue
-        rows["question"].append(f"{' '.join(map(str, numbers))}->{target}")
-        rows["answer"].append(f"{' '.join(map(str, numbers))}->{target}")  # verifier re-checks
-        rows["demonstration"].append(solution)
-    full = Dataset.from_dict(rows)
-    return Task(
-        "countdown",
-        full.select(range(num_train)),
-        full.select(range(num_train, num_train + num_test)),
-        verifier="countdown",
-        max_new_tokens=16,
-    )
+    seen, splits = set(), []
+    for size in (num_test, num_train):
+        rows = {"question": [], "answer": [], "demonstration": [], "slice": []}
+        while len(rows["question"]) < size:
+            count = 3 if rng.random() < frac_three else 4  # drawn first, so both splits mix alike
+            numbers, target, expression = random_countdown_problem(rng, count, max_target=max_target)
+            key = (tuple(sorted(numbers)), target)
+            while not 1 <= target <= max_target or key in seen:
+                numbers, target, expression = random_countdown_problem(rng, count, max_target=max_target)
+                key = (tuple(sorted(numbers)), target)
+            seen.add(key)
+            question = f"{' '.join(map(str, numbers))}->{target}"
+            rows["question"].append(question)
+            rows["answer"].append(question)  # the verifier re-checks numbers and target
+            rows["demonstration"].append(expression)
+            rows["slice"].append(f"{len(numbers)}_numbers")
+        splits.append(Dataset.from_dict(rows))
+    test, train = splits
+    return Task("countdown", train, test, verifier="countdown", max_new_tokens=20, slices=("3_numbers", "4_numbers"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,7 +282,12 @@ TASKS: dict[str, Callable[[int], Task]] = {
         "add_noisy", lambda a, b, rng: off_by_one_teacher(a, b, 0.4, rng), seed
     ),
     "add_carry_noisy": lambda seed: make_addition_task(
-        "add_carry_noisy", lambda a, b, rng: drop_carry_teacher(a, b, 0.8, rng), seed
+        "add_carry_noisy", lambda a, b, rng: drop_carry_teacher(a, b, 0.8, rng), seed, carry_slices=True
+    ),
+    # The teacher never carries: the SFT model cannot sample a right carry answer (pass@64 ~ 0
+    # there), so RL alone gets no reward on that slice; the `expert` column is the way in.
+    "add_carry_always_wrong": lambda seed: make_addition_task(
+        "add_carry_always_wrong", lambda a, b, rng: drop_carry_teacher(a, b, 1.0, rng), seed, carry_slices=True
     ),
     "add": lambda seed: make_addition_task("add", None, seed),
     "countdown": make_countdown_task,

@@ -14,7 +14,7 @@ import torch
 
 import common.models
 from common.checkpoint import STATE_FILE, find_checkpoint, load_checkpoint, save_checkpoint
-from common.evaluation import pass_at_k
+from common.evaluation import pass_at_k, pass_at_k_curve, powers_of_two
 from common.models import CHATML_TEMPLATE, build_tiny_model, load_model_and_tokenizer
 from common.rewards import countdown_verifier, math_verifier
 from common.tasks import encode_demonstrations, gsm8k_record, load_task, make_countdown_task, rows_at
@@ -45,6 +45,42 @@ def test_pass_at_1_is_the_fraction_correct():
 def test_pass_at_k_needs_k_samples(n, k):
     with pytest.raises(ValueError):
         pass_at_k(n, 0, k)
+
+
+def test_pass_at_k_curve_matches_enumeration():
+    """The curve is the per-prompt enumeration, averaged over prompts, for every k asked."""
+    counts = [(n, c) for n in range(1, 8) for c in range(n + 1)] * 2 + [(7, 2)]
+    for k in range(1, 8):
+        usable = [(n, c) for n, c in counts if n >= k]
+        curve = pass_at_k_curve(usable, ks=[k])
+        expected = sum(brute_force_pass_at_k(n, c, k) for n, c in usable) / len(usable)
+        assert list(curve) == [k] and curve[k] == pytest.approx(expected, abs=1e-12), k
+
+
+def test_pass_at_k_curve_of_64_samples_is_monotone_and_ends_at_any_correct():
+    counts = [(64, c) for c in (0, 1, 3, 20, 64)]
+    curve = pass_at_k_curve(counts, ks=range(1, 65))
+    assert list(curve) == list(range(1, 65))
+    assert curve[1] == pytest.approx((0 + 1 + 3 + 20 + 64) / 64 / 5, abs=1e-12)
+    assert all(curve[k] <= curve[k + 1] + 1e-12 for k in range(1, 64))
+    assert curve[64] == pytest.approx(4 / 5, abs=1e-12)  # every prompt with a right sample counts
+    # one prompt right once in 64: pass@k = k / 64 exactly
+    single = pass_at_k_curve([(64, 1)], ks=range(1, 65))
+    assert all(single[k] == pytest.approx(k / 64, abs=1e-12) for k in single)
+
+
+def test_pass_at_k_curve_needs_k_samples_and_prompts():
+    with pytest.raises(ValueError):
+        pass_at_k_curve([(8, 1), (4, 1)], ks=[8])
+    with pytest.raises(ValueError):
+        pass_at_k_curve([], ks=[1])
+
+
+def test_default_ks_are_powers_of_two():
+    assert powers_of_two(8) == (1, 2, 4, 8)  # the classic eval record
+    assert powers_of_two(1) == (1,)
+    assert powers_of_two(12) == (1, 2, 4, 8)
+    assert powers_of_two(64) == (1, 2, 4, 8, 16, 32, 64)
 
 
 # ---------------------------------------------------------------------------------------
