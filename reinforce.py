@@ -404,7 +404,8 @@ def main(args: Args):
         train_tokens = int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
         metrics = {
             **reward_metrics(rollout, G), **stats.summary(),
-            "frac_zero_std_groups_trained": 1 - len(groups_with_signal(rollout.rewards, G)) / len(rollout),
+            "frac_zero_std_groups_trained": 1 - len(groups_with_signal(rollout.rewards, G)) / len(rollout)
+            if G > 1 else None,
             "completion_length": rollout.completion_lengths.float().mean().item(),
             "frac_truncated": 1 - rollout.is_eos.float().mean().item(),
             "learning_rate": args.learning_rate, "rollout_staleness": staleness,
@@ -420,7 +421,7 @@ def main(args: Args):
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['sampled_accuracy']:.2f}",
-                             zero_std=f"{metrics['frac_zero_std_groups']:.2f}")
+                             zero_std=metrics["frac_zero_std_groups"])  # None with G = 1
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
             save_checkpoint(run_dir, model, tokenizer, optimizer, None, step + 1,
                             {"data_position": data_position, "ema_baseline": ema})

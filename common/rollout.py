@@ -216,8 +216,8 @@ def build_engine(rollout: str, model, tokenizer, eos_ids: list[int], task=None, 
     from common.vllm_engine import VLLMEngine
 
     questions = [*task.prompts["question"], *task.test["question"]]
-    longest_prompt = max(len(tokenizer(format_prompt(tokenizer, q, task.system_prompt), add_special_tokens=False)
-                             ["input_ids"]) for q in questions)
+    prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in questions]
+    longest_prompt = max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))  # one batched call
     return VLLMEngine(max_model_len=longest_prompt + max_new_tokens, eos_ids=eos_ids,
                       pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, **vllm_kwargs)
 
@@ -258,8 +258,9 @@ def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int,
 
 def groups_with_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
     """Row indices of the groups whose rewards are not all equal: the only ones a group-relative
-    advantage gives a gradient (DAPO's dynamic sampling keeps these). rewards (B,) -> (rows,)."""
-    has_signal = rewards.view(-1, G).std(dim=1) > 0  # (num_groups,)
+    advantage gives a gradient (DAPO's dynamic sampling keeps these). rewards (B,) -> (rows,).
+    A "group" of one has no spread: with G = 1 no row counts (callers log null, not a fraction)."""
+    has_signal = rewards.view(-1, G).std(dim=1, correction=0) > 0  # (num_groups,); population std: no NaN at G = 1
     return has_signal.repeat_interleave(G).nonzero().squeeze(-1)
 
 
@@ -271,7 +272,7 @@ def reward_metrics(rollout: Rollout, G: int) -> dict:
         "reward": rollout.rewards.mean().item(),
         **{f"reward/{k}": v.float().mean().item() for k, v in rollout.reward_terms.items()},
         "sampled_accuracy": rollout.reward_terms["correct"].float().mean().item(),  # eval's `accuracy` is greedy
-        "frac_zero_std_groups": 1 - len(groups_with_signal(rollout.rewards, G)) / n,
+        "frac_zero_std_groups": 1 - len(groups_with_signal(rollout.rewards, G)) / n if G > 1 else None,
         **{f"reasons/{k}": rollout.reasons.count(k) / n for k in sorted(set(rollout.reasons))},
     }
 

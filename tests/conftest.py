@@ -4,10 +4,13 @@ Both are session-scoped: tests that need to change a model build their own
 (`build_tiny_model` takes ~0.1 s) and never mutate `tiny_model`.
 """
 
+import os
+
 import pytest
 import torch
 
 from common.models import build_char_tokenizer, build_tiny_model
+from common.tracking import read_metrics
 
 # One thread, not two: the tiny model's matrices are too small to gain from a second thread, and
 # on 2 cores shared with other jobs two threads spin-wait on each other (measured under load:
@@ -25,3 +28,24 @@ def tiny_model(tokenizer):
     model = build_tiny_model(tokenizer, seed=0).to(torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """A short SFT run of the default tiny model on the default task, shared by every script's tests:
+    (run folder, its eval record). 400 steps: sampled accuracy ~0.5, so most groups have both right
+    and wrong samples. TEST_SFT_RUN=runs/some_sft reuses a finished run instead (local iteration)."""
+    import sft
+
+    reuse = os.environ.get("TEST_SFT_RUN")
+    if reuse:
+        return os.path.abspath(reuse), read_metrics(reuse)[-1]
+    root = tmp_path_factory.mktemp("sft")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = sft.main(sft.Args(total_steps=400, eval_every=100, save_every=200, num_eval_prompts=100,
+                                   tensorboard=False))
+    finally:
+        os.chdir(cwd)
+    return str(root / "runs" / "sft"), result

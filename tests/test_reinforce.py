@@ -2,7 +2,6 @@
 unification with SFT (A = 1 on expert samples), and the real script end to end."""
 
 import math
-import os
 import statistics
 
 import pytest
@@ -157,23 +156,6 @@ def test_sft_is_reinforce_with_advantage_one_on_expert_samples():
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def sft_run(tmp_path_factory):
-    """A short SFT run of the default tiny model on the default task (as in tests/test_scripts.py).
-    REINFORCE_TEST_SFT=runs/some_sft reuses a finished SFT run folder instead (local iteration)."""
-    reuse = os.environ.get("REINFORCE_TEST_SFT")
-    if reuse:
-        return os.path.abspath(reuse), read_metrics(reuse)[-1]
-    root = tmp_path_factory.mktemp("sft")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        result = sft.main(sft.Args(total_steps=400, eval_every=100, save_every=200, num_eval_prompts=100, **QUIET))
-    finally:
-        os.chdir(cwd)
-    return str(root / "runs" / "sft"), result
-
-
 def _reinforce(model_dir, *flags):
     args = reinforce.parse_args(["--model", model_dir, "--no-tensorboard", "--num-eval-prompts", "16",
                                  "--num-eval-samples", "2", *flags])
@@ -214,6 +196,16 @@ def test_bad_flags_exit_with_one_line_naming_the_flag(flags, expected):
 def test_baselines_without_a_group_allow_g_1():
     for baseline in ("none", "ema", "remax", "reinforce++"):
         assert reinforce.validate(reinforce.parse_args(["--baseline", baseline, "--group-size", "1"]), 8) == (16, 16)
+
+
+def test_a_run_with_one_sample_per_prompt_logs_no_group_statistics(sft_run, tmp_path, monkeypatch):
+    """G = 1 (ema): a group of one has no spread, so the zero-std fractions are null, not 1.0 or NaN."""
+    monkeypatch.chdir(tmp_path)
+    _reinforce(sft_run[0], "--baseline", "ema", "--group-size", "1", "--total-steps", "2", "--num-prompts", "8",
+               "--eval-every", "0")
+    steps = _steps()
+    assert all(r["frac_zero_std_groups"] is None and r["frac_zero_std_groups_trained"] is None for r in steps)
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in steps)
 
 
 def test_ema_baseline_resumes_exactly(sft_run, tmp_path, monkeypatch):

@@ -20,19 +20,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(tensorboard=False)
 
 
-@pytest.fixture(scope="session")
-def sft_run(tmp_path_factory):
-    """A short SFT run of the default tiny model on the default task (shared by the tests)."""
-    root = tmp_path_factory.mktemp("sft")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        result = sft.main(sft.Args(total_steps=400, eval_every=100, save_every=200, num_eval_prompts=100, **QUIET))
-    finally:
-        os.chdir(cwd)
-    return str(root / "runs" / "sft"), result
-
-
 def test_sft_learns_well_above_chance(sft_run):
     _, result = sft_run
     # chance for a 2-digit sum is ~1%; a noisy teacher is right 60% of the time, and the mode is right

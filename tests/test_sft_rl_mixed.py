@@ -7,7 +7,6 @@ and a teacher that never changes. Micro-batch invariance and exact resume, as fo
 """
 
 import json
-import os
 import shutil
 
 import pytest
@@ -27,17 +26,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
-def sft_model(tmp_path_factory):
-    """A short SFT run on the default task: right often enough that groups have both right and wrong samples."""
-    root = tmp_path_factory.mktemp("mixed_sft")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        sft.main(sft.Args(total_steps=300, eval_every=0, save_every=0, num_eval_prompts=8, num_eval_samples=2,
-                          tensorboard=False))
-    finally:
-        os.chdir(cwd)
-    return str(root / "runs" / "sft")
+def sft_model(sft_run):
+    """The shared short SFT run (tests/conftest.py): groups have both right and wrong samples."""
+    return sft_run[0]
 
 
 @pytest.fixture(scope="session")
