@@ -1,0 +1,225 @@
+"""Plot finished runs side by side from their metrics.jsonl: training curves and pass@k curves.
+
+    python -m common.plot runs/sft runs/grpo runs/ppo [--out runs/compare.png] [--passk-out runs/passk.png]
+                          [--labels SFT GRPO PPO] [--smooth 5]
+
+Two figures (PNG, matplotlib's non-interactive Agg backend, so it works over ssh and in CI):
+
+- compare.png, one panel per quantity over optimizer steps, one line per run: sampled pass@1
+  (`sampled_accuracy`, the rollouts' mean correctness), `entropy`, `completion_length`, `kl`
+  (to the reference) and wall-clock (the running sum of `step_time`). Per-step curves are noisy,
+  so they are drawn as a trailing mean over `--smooth` steps (the axis label says so); wall-clock
+  is a running sum and needs no smoothing. A run that never logs a key (sft.py has no rollouts,
+  so no sampled_accuracy, entropy or kl) is left out of that panel, and the panel names it.
+- passk.png: each run's final eval record as a pass@k curve, k on a log2 axis (1, 2, 4, ...,
+  up to whatever the run evaluated, e.g. 64 with `evaluate(..., num_samples=64)`). A flat curve
+  means extra samples find nothing new; a curve that keeps rising means the model can still
+  reach answers it rarely samples. Runs without an eval record are skipped with a note.
+
+matplotlib is an optional extra (`pip install -e '.[plot]'`); the reading helpers
+(`load_runs`, `series`, `passk_points`) need only the standard library.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import textwrap
+
+from common.tracking import read_metrics
+
+# The panels of compare.png: (metrics.jsonl key, panel title, y label, cumulative?).
+PANELS = [
+    ("sampled_accuracy", "sampled pass@1", "mean correctness of rollouts", False),
+    ("entropy", "entropy", "nats per token", False),
+    ("completion_length", "completion length", "tokens", False),
+    ("kl", "KL to reference", "nats per token", False),
+    ("step_time", "wall-clock", "seconds of training (sum of step_time)", True),
+]
+PASSK_KEY = re.compile(r"pass@(\d+)")  # full match only: "pass@8/carry" is a per-slice key, not the curve
+
+
+def load_runs(paths: list[str], labels: list[str] | None = None) -> dict[str, tuple[list[dict], dict | None]]:
+    """Read each run folder's metrics.jsonl: {label: (step records, last eval record or None)}.
+
+    Labels default to the folder names (runs/grpo -> "grpo"); if two folders share a name
+    (a/grpo, b/grpo) the full paths are used, so no run silently replaces another.
+    """
+    if labels is None:
+        names = [os.path.basename(os.path.normpath(p)) for p in paths]
+        labels = names if len(set(names)) == len(names) else [os.path.normpath(p) for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"labels must be distinct, got {labels}")
+    runs = {}
+    for label, path in zip(labels, paths):
+        records = read_metrics(path)
+        steps = [r for r in records if "event" not in r]
+        evals = [r for r in records if r.get("event") == "eval"]
+        runs[label] = (steps, evals[-1] if evals else None)
+    return runs
+
+
+def series(steps: list[dict], key: str, smooth: int = 1, cumulative: bool = False) -> tuple[list, list]:
+    """One curve from the step records: (steps, values) with missing, null and non-finite values dropped.
+
+    smooth = n: each value becomes the mean of itself and the n - 1 kept values before it (a trailing
+    mean, so a point never looks ahead; the first points average what there is). cumulative: a running
+    sum instead (wall-clock from step_time).
+
+    >>> rows = [{"step": 1, "t": 1.0}, {"step": 2, "t": None}, {"step": 3, "t": 3.0}, {"step": 4, "t": 5.0}]
+    >>> series(rows, "t", smooth=2)
+    ([1, 3, 4], [1.0, 2.0, 4.0])
+    >>> series(rows, "t", cumulative=True)
+    ([1, 3, 4], [1.0, 4.0, 9.0])
+    """
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    points = [(r["step"], float(r[key])) for r in steps
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    xs = [s for s, _ in points]
+    values = [v for _, v in points]
+    if cumulative:
+        total, ys = 0.0, []
+        for v in values:
+            total += v
+            ys.append(total)
+        return xs, ys
+    ys = []
+    for i in range(len(values)):
+        window = values[max(0, i - smooth + 1): i + 1]
+        ys.append(sum(window) / len(window))
+    return xs, ys
+
+
+def passk_points(eval_record: dict | None) -> tuple[list[int], list[float]]:
+    """The pass@k curve of an eval record, ordered by k: ([1, 2, 4, ...], [pass@1, pass@2, ...]).
+
+    Per-slice keys ("pass@4/carry") and null values are left out; no record gives ([], []).
+
+    >>> passk_points({"event": "eval", "accuracy": 0.9, "pass@2": 0.8, "pass@1": 0.5, "pass@2/carry": 0.7})
+    ([1, 2], [0.5, 0.8])
+    """
+    if not eval_record:
+        return [], []
+    points = sorted((int(m.group(1)), float(v)) for key, v in eval_record.items()
+                    if (m := PASSK_KEY.fullmatch(key)) and isinstance(v, (int, float)))
+    return [k for k, _ in points], [v for _, v in points]
+
+
+# Sizes chosen so the 1200 x 700 px figure stays legible when a page shrinks it to ~800 px wide.
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+         "ytick.labelsize": 10, "legend.fontsize": 11, "axes.grid": True, "grid.alpha": 0.3}
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line exit naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("error: plotting needs matplotlib: pip install -e '.[plot]'")
+    matplotlib.use("Agg")  # no display needed: we only write files
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_compare(runs: dict, out: str, smooth: int = 5):
+    """compare.png: a 2 x 3 grid, one panel per PANELS entry and the legend in the last cell."""
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 3, figsize=(12, 7), dpi=100)
+        colors = {label: f"C{i % 10}" for i, label in enumerate(runs)}  # a run keeps its colour in every panel
+        missing = {label: [] for label in runs}  # label -> titles of the panels it has no data for
+        for ax, (key, title, ylabel, cumulative) in zip(axes.flat, PANELS):
+            for label, (steps, _) in runs.items():
+                xs, ys = series(steps, key, smooth=smooth, cumulative=cumulative)
+                if xs:
+                    ax.plot(xs, ys, color=colors[label], linewidth=1.5)
+                else:
+                    missing[label].append(title)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            # Say what was done to the curve, so nobody reads a smoothed line as raw data.
+            ax.set_ylabel(ylabel + (f"\n(trailing mean of {smooth} steps)" if smooth > 1 and not cumulative else ""))
+        legend_ax = axes.flat[-1]
+        legend_ax.axis("off")
+        legend_ax.legend([plt.Line2D([], [], color=colors[label], linewidth=2.5) for label in runs], list(runs),
+                         loc="upper center", title="run", frameon=False)
+        # A run with no line in a panel is named here rather than inside the panel, where the note
+        # would sit on top of the curves.
+        notes = [f"{label}: no {', '.join(titles)}" for label, titles in missing.items() if titles]
+        if notes:
+            legend_ax.text(0.5, 0.0, "\n".join(textwrap.fill(n, 40) for n in notes), transform=legend_ax.transAxes,
+                           ha="center", va="bottom", color="0.3")
+        fig.suptitle("training curves from metrics.jsonl", fontsize=13)
+        fig.tight_layout()
+        fig.savefig(out)
+        plt.close(fig)
+
+
+def plot_passk(runs: dict, out: str) -> bool:
+    """passk.png: pass@k against k (log2 axis), one line per run with pass@k in its eval record.
+
+    Returns False (and writes nothing) when no run has a pass@k curve.
+    """
+    curves = {}
+    for label, (_, eval_record) in runs.items():
+        ks, values = passk_points(eval_record)
+        if ks:
+            curves[label] = (ks, values)
+        else:
+            print(f"note: {label} has no eval record with pass@k; left out of the pass@k plot")
+    if not curves:
+        return False
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+        for i, (label, (ks, values)) in enumerate(curves.items()):
+            ax.plot(ks, values, marker="o", color=f"C{i % 10}", label=label, linewidth=1.5)
+        all_ks = sorted({k for ks, _ in curves.values() for k in ks})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_ks, [str(k) for k in all_ks])  # plain 1, 2, 4, ... instead of 2^0, 2^1, ...
+        ax.minorticks_off()
+        ax.set_xlabel("k (samples per prompt, log2 scale)")
+        ax.set_ylabel("pass@k (unbiased, T = 1)")
+        ax.set_title("pass@k of the final eval record")
+        ax.legend(loc="best")
+        fig.tight_layout()
+        fig.savefig(out)
+        plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m common.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<run_name>), each with a metrics.jsonl")
+    parser.add_argument("--out", default="runs/compare.png", help="training-curve figure to write")
+    parser.add_argument("--passk-out", default="runs/passk.png", help="pass@k figure to write")
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
+    parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window in steps (1: raw curves)")
+    args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        parser.error(f"--labels needs one label per run: {len(args.labels)} labels for {len(args.runs)} runs")
+    if args.smooth < 1:
+        parser.error("--smooth must be >= 1")
+    for path in args.runs:
+        if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            parser.error(f"{path} has no metrics.jsonl (is it a run folder?)")
+    _pyplot()  # fail in one line before reading anything if matplotlib is missing
+    runs = load_runs(args.runs, args.labels)
+    for path in (args.out, args.passk_out):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    plot_compare(runs, args.out, smooth=args.smooth)
+    print(f"training curves written to {args.out}")
+    if plot_passk(runs, args.passk_out):
+        print(f"pass@k curves written to {args.passk_out}")
+    else:
+        print("no run has pass@k in an eval record; no pass@k plot written")
+
+
+if __name__ == "__main__":
+    main()
