@@ -41,10 +41,12 @@ from tqdm import tqdm
 
 from common.checkpoint import (resume_from, save_checkpoint, save_final_model, stop_if_not_finite,
                                warn_if_task_mismatch)
+from common import distributed
 from common.cli import Dtype, check, check_device, exact_div, parse_with_presets
+from common.distributed import all_gather, all_reduce, clip_grad_norm, grad_sync, setup_distributed, wrap_model
 from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import masked_mean, rollout_logprobs, score_rollout
-from common.models import eos_token_ids, load_model_and_tokenizer, pick_device, pick_dtype
+from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer, pick_dtype
 from common.rollout import Rollout, build_engine, generate_and_score, groups_with_signal, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, print_config, print_eval, timed
@@ -66,7 +68,7 @@ class Args:
     total_steps: int = 200
     """optimizer steps (one rollout batch each, times num_epochs * num_minibatches updates)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8
     """G: completions sampled per prompt"""
     temperature: float = 1.0
@@ -152,7 +154,13 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
     micro_batch_size: int = 128
-    """completions per forward/backward; gradients accumulate to the minibatch"""
+    """completions per forward/backward on each rank; gradients accumulate to the minibatch"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
+    lora_rank: int = 0
+    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
+    lora_alpha: float = 32.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
     # ---- evaluation, checkpoints, logging ----------------------------------------------------
     num_eval_prompts: int = 200
     """held-out prompts in the final evaluation"""
@@ -163,7 +171,7 @@ class Args:
     save_every: int = 50
     """steps between resumable checkpoints"""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
+    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     resume: bool = False
@@ -194,10 +202,11 @@ def parse_args(argv=None) -> Args:
     return parse_with_presets(Args, PRESETS, argv)
 
 
-def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
-    """Reject bad values and silent knob combinations; derive the batch arithmetic once: a rollout batch
-    of batch_size = num_prompts * G rows is cut into num_minibatches optimizer steps of whole groups
-    (minibatch_size rows), each accumulated over micro-batches of micro_size rows."""
+def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int, int]:
+    """Reject bad values and silent knob combinations; derive the batch arithmetic once: each of the
+    world_size ranks samples num_prompts / world_size prompts, a rollout batch of batch_size =
+    that * G rows, cut into num_minibatches optimizer steps of whole groups (minibatch_size rows
+    per rank), each accumulated over micro-batches of micro_size rows."""
     check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
     check(args.temperature > 0, "temperature", "must be > 0 for sampling")
     check(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -220,7 +229,10 @@ def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
           f"the dual clip belongs to the clipped surrogate, which {''.join(replacers[:1])} replaces; drop one")
     check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
           "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
-    batch_size = args.num_prompts * args.group_size
+    check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")
+    check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
+          "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
+    batch_size = exact_div(args.num_prompts, world_size, "num_prompts", "nproc_per_node") * args.group_size
     minibatch_size = exact_div(batch_size, args.num_minibatches, "num_prompts", "num_minibatches")
     check(minibatch_size % args.group_size == 0, "num_minibatches", "each minibatch must hold whole groups")
     micro_size = min(args.micro_batch_size, minibatch_size)
@@ -340,26 +352,31 @@ def sapo_loss(ratio, advantages, tau_pos, tau_neg):
     return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * advantages
 
 
-def select_tokens(args: Args, rows, advantages, logp_old, entropy_old, mask):
+def select_tokens(args: Args, rows, advantages, logp_old, entropy_old, mask, generator=None):
     """Batch-level token selections for the minibatch `rows`: (keep (B, C) float, kl_cov_tokens (B, C) bool).
 
     Clip-Cov / KL-Cov (Cui et al. 2025) and forking tokens (Wang et al. 2025) rank the minibatch's
     tokens, so they are chosen once, on rollout-time logprobs and entropy: the result does not depend
-    on the micro-batch size. (verl selects per micro-batch on current logprobs; here r = 1 at
-    selection, so no token is "already clipped".) With every variant off: all kept, no KL-Cov token.
+    on the micro-batch size, nor on the number of ranks (every rank ranks the tokens of all ranks'
+    minibatch rows, all_gather'ed, with the same generator, and keeps its own rows). (verl selects
+    per micro-batch on current logprobs; here r = 1 at selection, so no token is "already clipped".)
+    With every variant off: all kept, no KL-Cov token.
     """
     keep, kl_cov_tokens = torch.ones_like(mask), torch.zeros_like(mask, dtype=torch.bool)  # (B, C)
     if args.cov_penalty == "none" and args.top_entropy_rho == 1:
         return keep, kl_cov_tokens
-    m, adv_tokens = mask[rows], advantages[rows].unsqueeze(-1).expand_as(mask[rows])  # (mb, C)
+    b, C = len(rows), mask.shape[1]
+    mine = slice(distributed.rank() * b, distributed.rank() * b + b)  # this rank's rows among all ranks'
+    m = all_gather(mask[rows])  # (N * mb, C_max): every rank's minibatch rows
+    adv_tokens = all_gather(advantages[rows]).unsqueeze(-1).expand_as(m)  # (N * mb, C_max)
     if args.cov_penalty == "clip_cov":
         not_clipped = torch.zeros_like(m, dtype=torch.bool)
-        keep[rows] *= clip_cov_mask(adv_tokens, logp_old[rows], m, not_clipped, args.clip_cov_ratio,
-                                    args.clip_cov_bounds)
+        keep[rows] *= clip_cov_mask(adv_tokens, all_gather(logp_old[rows]), m, not_clipped, args.clip_cov_ratio,
+                                    args.clip_cov_bounds, generator)[mine, :C]
     if args.cov_penalty == "kl_cov":
-        kl_cov_tokens[rows] = kl_cov_mask(adv_tokens, logp_old[rows], m, args.kl_cov_ratio)
+        kl_cov_tokens[rows] = kl_cov_mask(adv_tokens, all_gather(logp_old[rows]), m, args.kl_cov_ratio)[mine, :C]
     if args.top_entropy_rho < 1:
-        keep[rows] *= top_entropy_mask(entropy_old[rows], m, args.top_entropy_rho)
+        keep[rows] *= top_entropy_mask(all_gather(entropy_old[rows]), m, args.top_entropy_rho)[mine, :C]
     return keep, kl_cov_tokens
 
 
@@ -437,23 +454,28 @@ def main(args: Args):
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     if args.overlong_cache_len < 0:  # preset's "a quarter of the budget"
         args = replace(args, overlong_cache_len=max(1, max_new_tokens // 4))
-    batch_size, _, micro_size = validate(args, max_new_tokens)
-    run_dir, device = os.path.join("runs", args.run_name), pick_device(args.device)
+    world = setup_distributed(args.device)  # rank 0 of 1 under plain python; see common/distributed.py
+    batch_size, _, micro_size = validate(args, max_new_tokens, world.size)  # batch_size: this rank's rows
+    run_dir, device = os.path.join("runs", args.run_name), world.device
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     shared = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
     warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
+        model = add_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
+    # the frozen starting policy; beta = 0 skips it entirely (DAPO, Dr. GRPO)
     ref_model = None
-    if args.beta > 0:  # the frozen starting policy; beta = 0 skips it entirely (DAPO, Dr. GRPO)
-        ref_model, _ = load_model_and_tokenizer(args.model, device, dtype)
-        ref_model.eval().requires_grad_(False)
+    if args.beta > 0:
+        ref_model = wrap_model(frozen_reference(model, args.model, device, dtype), world, args.fsdp)
     eos_ids = eos_token_ids(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_model = wrap_model(model, world, args.fsdp)  # DDP / FSDP2 under torchrun; the model itself otherwise
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
@@ -471,35 +493,41 @@ def main(args: Args):
     logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
     print(f"grpo ({args.preset}): {args.model}, task {task.name}, {len(task.prompts)} prompts, "
-          f"{args.num_prompts} x G={G} per step, device {device}")
+          f"{args.num_prompts} x G={G} per step, device {device}, {world.size} process(es)")
     print_config(asdict(args))
-    sample = dict(num_prompts=args.num_prompts, seed=args.seed, n=G, temperature=args.temperature,
+    sample = dict(num_prompts=args.num_prompts // world.size, seed=args.seed, n=G, temperature=args.temperature,
                   max_new_tokens=max_new_tokens, top_p=args.top_p, format_weight=args.format_weight,
                   overlong_cache_len=args.overlong_cache_len)
     # logp_old needs its own pass only if the policy moves within a step or tokens are ranked; else it is sg(logp)
     need_old_pass = (args.num_epochs * args.num_minibatches > 1 or args.cov_penalty != "none"
                      or args.top_entropy_rho < 1)
 
-    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="grpo")
+    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="grpo",
+                    disable=not world.is_main)
     for step in progress:
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
         with timed(times, "gen"):
-            sampled = [generate_and_score(engine, tokenizer, task, data_position, **sample)]
+            # rank r samples prompts r * n .. r * n + n - 1 of the step's num_prompts (whole groups)
+            sampled = [generate_and_score(engine, tokenizer, task, data_position + world.rank * sample["num_prompts"],
+                                          **sample)]
         data_position += args.num_prompts
         rollout = sampled[0]
         # DAPO: dynamic sampling. A group whose rewards are all equal has zero advantage and no
         # gradient: drop it and top the batch up with fresh prompts, at most max_resample_rounds times.
         if args.dynamic_sampling:
             rollout = rollout[groups_with_signal(rollout.rewards, G)]
-            while len(rollout) < batch_size and len(sampled) <= args.max_resample_rounds:
+            # every rank draws a round while any rank is short, so data_position stays the same on all
+            while all_reduce(int(len(rollout) < batch_size), "max") and len(sampled) <= args.max_resample_rounds:
                 with timed(times, "gen"):
-                    sampled.append(generate_and_score(engine, tokenizer, task, data_position, **sample))
+                    sampled.append(generate_and_score(
+                        engine, tokenizer, task, data_position + world.rank * sample["num_prompts"], **sample))
                 data_position += args.num_prompts
                 fresh = sampled[-1][groups_with_signal(sampled[-1].rewards, G)]
                 rollout = Rollout.cat([rollout, fresh], tokenizer.pad_token_id)
-            rollout = rollout[:batch_size]  # exactly num_prompts groups, or fewer if the rounds ran out
+            # exactly num_prompts groups, or fewer if the rounds ran out: as many on every rank (the fewest)
+            rollout = rollout[:all_reduce(min(len(rollout), batch_size), "min")]
         everything = Rollout.cat(sampled, tokenizer.pad_token_id)  # all that was sampled, for the log
         if len(rollout) == 0:  # no group had signal: nothing to learn from this step
             logger.log(step + 1, {**reward_metrics(everything, G), "loss": None, "skipped": 1,
@@ -507,7 +535,9 @@ def main(args: Args):
             continue
 
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
-        advantages = compute_advantages(rollout.rewards.view(-1, G), args.scale_rewards, args.adv_eps).view(-1)  # (B,)
+        rewards = all_gather(rollout.rewards)  # (N * B,): every rank's, so --scale-rewards batch takes the global std
+        advantages = compute_advantages(rewards.view(-1, G), args.scale_rewards, args.adv_eps).view(-1)
+        advantages = advantages.chunk(world.size)[world.rank]  # (B,) this rank's rows
         mask = rollout.completion_mask.float()  # (B, C)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
@@ -521,18 +551,24 @@ def main(args: Args):
 
         # ---- 5. Update: num_epochs passes, each num_minibatches optimizer steps of whole groups -
         stats = StepStats()
+        selection_rng = torch.Generator().manual_seed(args.seed * 100_003 + step)  # Clip-Cov's draw: same on all ranks
         with timed(times, "train"):
             num_groups = len(rollout) // G
             for epoch in range(args.num_epochs):
                 for groups in torch.randperm(num_groups).chunk(args.num_minibatches):
                     minibatch_rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (mb,)
-                    num_seqs, num_tokens = len(minibatch_rows), int(mask[minibatch_rows].sum().clamp(min=1))
+                    # the normalisers of the whole minibatch, over all ranks (not this rank's share)
+                    num_seqs = len(minibatch_rows) * world.size
+                    num_tokens = int(all_reduce(mask[minibatch_rows].sum()).clamp(min=1))
                     # Clip-Cov / KL-Cov / forking tokens: tokens ranked over the minibatch (all kept when off)
-                    keep, kl_cov_tokens = select_tokens(args, minibatch_rows, advantages, logp_old, entropy_old, mask)
-                    loss_sum = 0.0
-                    for micro_rows in minibatch_rows.split(micro_size):
+                    keep, kl_cov_tokens = select_tokens(args, minibatch_rows, advantages, logp_old, entropy_old, mask,
+                                                        selection_rng)
+                    loss_sum, micro_batches = 0.0, minibatch_rows.split(micro_size)
+                    for i, micro_rows in enumerate(micro_batches):
+                        # DDP / FSDP2 average the ranks' gradients in the last micro-batch's backward only
+                        grad_sync(train_model, last=i == len(micro_batches) - 1)
                         micro, m = rollout[micro_rows], mask[micro_rows]  # m: (b, C)
-                        logp, entropy = rollout_logprobs(model, micro, temperature=args.temperature,
+                        logp, entropy = rollout_logprobs(train_model, micro, temperature=args.temperature,
                                                          with_entropy=True, group_size=shared)  # (b, C) each
                         old = logp.detach() if logp_old is None else logp_old[micro_rows]
                         token_loss, clipped_low, clipped_high = policy_token_loss(
@@ -546,13 +582,14 @@ def main(args: Args):
                         if args.ent_coef > 0:
                             token_loss = token_loss - args.ent_coef * entropy
                         loss = aggregate_loss(token_loss, m, args.loss_agg, num_seqs, num_tokens, max_new_tokens)
-                        loss.backward()
+                        (loss * world.size).backward()  # the ranks' gradients are averaged: x N makes them a sum
                         loss_sum += loss.item()
                         gap = (old - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
                         stats.tokens(m, entropy=entropy, kl=kl, clip_frac_low=clipped_low, clip_frac_high=clipped_high,
                                      mismatch_mean_abs=gap.abs(), frac_tokens_kept=weights > 0)
                         stats.maxes(mismatch_max_ratio=torch.exp(gap).max())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = clip_grad_norm(train_model, args.max_grad_norm)
+                    loss_sum = all_reduce(loss_sum)  # the minibatch's loss: the sum of the ranks' shares
                     stop_if_not_finite(step + 1, run_dir, loss=loss_sum, grad_norm=grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -593,6 +630,7 @@ def main(args: Args):
     logger.log(args.total_steps, result)
     logger.close()
     print_eval(result, run_dir)
+    distributed.cleanup()
     return result
 
 

@@ -48,11 +48,14 @@ from tqdm import tqdm
 
 from common.checkpoint import (resume_from, save_checkpoint, save_final_model, stop_if_not_finite,
                                warn_if_task_mismatch)
+from common import distributed
 from common.cli import Dtype, check, check_device, exact_div
+from common.distributed import (all_reduce, clip_grad_norm, full_state_dict, grad_sync, load_full_state_dict,
+                                load_optimizer_state_dict, optimizer_state_dict, setup_distributed, wrap_model)
 from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import masked_mean, masked_var, masked_whiten, position_ids_from_mask, rollout_logprobs, \
     score_rollout
-from common.models import eos_token_ids, load_model_and_tokenizer, pick_device, pick_dtype
+from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer, pick_dtype
 from common.rollout import build_engine, generate_and_score, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, print_config, print_eval, timed
@@ -74,7 +77,7 @@ class Args:
     total_steps: int = 100
     """optimizer steps (one rollout batch each, times num_epochs * num_minibatches updates)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8
     """G: completions sampled per prompt (PPO needs no groups: N+ uses 1; 8 matches grpo.py's batch)"""
     temperature: float = 1.0
@@ -138,7 +141,13 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
     micro_batch_size: int = 128
-    """completions per forward/backward; gradients accumulate to the minibatch"""
+    """completions per forward/backward on each rank; gradients accumulate to the minibatch"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
+    lora_rank: int = 0
+    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
+    lora_alpha: float = 32.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
     # ---- evaluation, checkpoints, logging ----------------------------------------------------
     num_eval_prompts: int = 200
     """held-out prompts in the final evaluation"""
@@ -149,7 +158,7 @@ class Args:
     save_every: int = 50
     """steps between resumable checkpoints"""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
+    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     resume: bool = False
@@ -166,10 +175,11 @@ def parse_args(argv=None) -> Args:
     return tyro.cli(Args, args=argv)
 
 
-def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
-    """Reject bad values and silent knob combinations; derive the batch arithmetic once: a rollout batch
-    of batch_size = num_prompts * G rows is cut into num_minibatches optimizer steps of whole groups
-    (minibatch_size rows), each accumulated over micro-batches of micro_size rows."""
+def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int, int]:
+    """Reject bad values and silent knob combinations; derive the batch arithmetic once: each of the
+    world_size ranks samples num_prompts / world_size prompts, a rollout batch of batch_size =
+    that * G rows, cut into num_minibatches optimizer steps of whole groups (minibatch_size rows
+    per rank), each accumulated over micro-batches of micro_size rows."""
     check(args.group_size >= 1, "group_size", "must be >= 1 (PPO's baseline is the value model, not the group)")
     check(args.temperature > 0, "temperature", "must be > 0 for sampling")
     check(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -186,7 +196,14 @@ def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
         print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")
     check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
           "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
-    batch_size = args.num_prompts * args.group_size
+    check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")
+    check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
+          "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
+    check(not (args.fsdp and args.value_model == "shared"), "value_model", "--fsdp shards the policy and a "
+          "separate critic; a critic on the policy's sharded trunk is not supported: use --value-model separate")
+    check(not (args.lora_rank and args.value_model == "shared"), "value_model", "under LoRA the policy's trunk "
+          "is frozen, so a shared critic would learn its head only: use --value-model separate")
+    batch_size = exact_div(args.num_prompts, world_size, "num_prompts", "nproc_per_node") * args.group_size
     minibatch_size = exact_div(batch_size, args.num_minibatches, "num_prompts", "num_minibatches")
     check(minibatch_size % args.group_size == 0, "num_minibatches", "each minibatch must hold whole groups")
     micro_size = min(args.micro_batch_size, minibatch_size)
@@ -294,6 +311,19 @@ def token_values(trunk, head, batch) -> torch.Tensor:
     return head(hidden[:, P - 1:].float()).squeeze(-1)  # (b, C)
 
 
+class Critic(torch.nn.Module):
+    """V: a trunk and the zero-initialised scalar head; forward(batch) -> token_values, (b, C). A module of
+    its own so that DDP / FSDP2 can wrap it. shared_trunk (the policy's, --value-model shared) is used when
+    trunk is None and is not registered: it is trained, saved and synced as part of the policy."""
+
+    def __init__(self, head, trunk=None, shared_trunk=None):
+        super().__init__()
+        self.head, self.trunk, self._shared_trunk = head, trunk, [shared_trunk]
+
+    def forward(self, batch):
+        return token_values(self.trunk if self.trunk is not None else self._shared_trunk[0], self.head, batch)
+
+
 def aggregate_loss(token_loss, mask, mode: str, num_seqs: int, num_tokens: int, max_new_tokens: int):
     """Token losses (b, C) of one micro-batch -> its share of the minibatch loss.
 
@@ -345,33 +375,37 @@ def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
     task = load_task(args.task)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    batch_size, _, micro_size = validate(args, max_new_tokens)
-    run_dir, device = os.path.join("runs", args.run_name), pick_device(args.device)
+    world = setup_distributed(args.device)  # rank 0 of 1 under plain python; see common/distributed.py
+    batch_size, _, micro_size = validate(args, max_new_tokens, world.size)  # batch_size: this rank's rows
+    run_dir, device = os.path.join("runs", args.run_name), world.device
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     shared = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
     warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, value model, optimizers ------------------------------
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
+        model = add_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
     ref_model = None
     if args.beta > 0:  # the frozen starting policy; beta = 0 skips it entirely
-        ref_model, _ = load_model_and_tokenizer(args.model, device, dtype)
-        ref_model.eval().requires_grad_(False)
+        ref_model = wrap_model(frozen_reference(model, args.model, device, dtype), world, args.fsdp)
     eos_ids = eos_token_ids(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_model = wrap_model(model, world, args.fsdp)  # DDP / FSDP2 under torchrun; the model itself otherwise
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
     # PPO: the critic. A trunk (a second copy of the starting policy without its LM head, or the policy's own
     # trunk) and a scalar head, zero-initialised: V = 0 everywhere at the start, so the first advantages are
     # the plain returns, not the returns minus random values (N+'s N(0, 1/sqrt(hidden + 1)) head sits on a
     # trained reward model; ours would sit on a trunk never trained to predict reward).
-    value_model = torch.nn.ModuleDict({"head": torch.nn.Linear(model.config.hidden_size, 1, device=device)})
-    torch.nn.init.zeros_(value_model["head"].weight), torch.nn.init.zeros_(value_model["head"].bias)
-    if args.value_model == "separate":
-        value_model["trunk"] = load_model_and_tokenizer(args.model, device, dtype)[0].base_model
-    value_model.train()
-    value_trunk = value_model["trunk"] if args.value_model == "separate" else model.base_model
+    head = torch.nn.Linear(model.config.hidden_size, 1, device=device)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    trunk = load_model_and_tokenizer(args.model, device, dtype)[0].base_model if args.value_model == "separate" \
+        else None
+    value_model = Critic(head, trunk, shared_trunk=model.base_model).train()
+    train_value_model = wrap_model(value_model, world, args.fsdp)  # DDP / FSDP2 under torchrun, like the policy
     # shared: the head's optimizer holds the head only; the value loss reaches the trunk through the policy's
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.vf_learning_rate, weight_decay=0.0)
 
@@ -386,8 +420,8 @@ def main(args: Args):
     if args.resume:
         start_step, extra = resume_from(run_dir, model, optimizer, learning_rate=args.learning_rate)
         data_position, beta = extra["data_position"], extra["beta"]
-        value_model.load_state_dict(extra["value_model"])  # PPO: the critic and its optimizer resume too
-        value_optimizer.load_state_dict(extra["value_optimizer"])
+        load_full_state_dict(value_model, extra["value_model"])  # PPO: the critic and its optimizer resume too
+        load_optimizer_state_dict(value_model, value_optimizer, extra["value_optimizer"])
         for group in value_optimizer.param_groups:
             group["lr"] = args.vf_learning_rate
         engine.sync_weights(model)  # the engine loaded args.model; the resumed trainer is ahead of it
@@ -395,16 +429,17 @@ def main(args: Args):
     logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
     print(f"ppo ({args.value_model} value model): {args.model}, task {task.name}, {len(task.prompts)} prompts, "
-          f"{args.num_prompts} x G={G} per step, device {device}")
+          f"{args.num_prompts} x G={G} per step, device {device}, {world.size} process(es)")
     print_config(asdict(args))
-    sample = dict(num_prompts=args.num_prompts, seed=args.seed, n=G, temperature=args.temperature,
+    sample = dict(num_prompts=args.num_prompts // world.size, seed=args.seed, n=G, temperature=args.temperature,
                   max_new_tokens=max_new_tokens, top_p=args.top_p, format_weight=args.format_weight)
 
     def checkpoint_extra():  # PPO: the critic, its optimizer and the (adaptive) beta, for an exact resume
-        return {"data_position": data_position, "beta": beta, "value_model": value_model.state_dict(),
-                "value_optimizer": value_optimizer.state_dict()}
+        return {"data_position": data_position, "beta": beta, "value_model": full_state_dict(value_model, to_cpu=True),
+                "value_optimizer": optimizer_state_dict(value_model, value_optimizer)}  # collectives under FSDP2
 
-    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="ppo")
+    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="ppo",
+                    disable=not world.is_main)
     for step in progress:
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
@@ -412,7 +447,9 @@ def main(args: Args):
         # N+ 1. truncate after the first EOS: the engine's completion_mask ends at it, padding after.
         # N+ 2. score the truncated text: generate_and_score's verifier, R_i in rollout.rewards.
         with timed(times, "gen"):
-            rollout = generate_and_score(engine, tokenizer, task, data_position, **sample)
+            # rank r samples prompts r * n .. r * n + n - 1 of the step's num_prompts (whole groups)
+            rollout = generate_and_score(engine, tokenizer, task, data_position + world.rank * sample["num_prompts"],
+                                         **sample)
         data_position += args.num_prompts
 
         # ---- 3. Advantage: per token, by GAE; it needs 4. Score's logp_old, logp_ref and V_old, so it follows it
@@ -424,7 +461,7 @@ def main(args: Args):
             logp_ref = score_rollout(ref_model, rollout, micro_size, temperature=args.temperature,
                                      group_size=shared)[0] if ref_model is not None else logp_old
             with torch.no_grad():  # PPO: V_old, the critic at rollout time (the value clip's anchor)
-                values_old = torch.cat([token_values(value_trunk, value_model["head"], rollout[i:i + micro_size])
+                values_old = torch.cat([value_model(rollout[i:i + micro_size])
                                         for i in range(0, len(rollout), micro_size)]) * mask  # (B, C)
 
         # PPO: 3. Advantage, the N+ response processing after scoring:
@@ -453,11 +490,16 @@ def main(args: Args):
             for epoch in range(args.num_epochs):
                 for groups in torch.randperm(num_groups).chunk(args.num_minibatches):
                     minibatch_rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (mb,)
-                    num_seqs, num_tokens = len(minibatch_rows), int(mask[minibatch_rows].sum().clamp(min=1))
-                    loss_sum, value_loss_sum = 0.0, 0.0
-                    for micro_rows in minibatch_rows.split(micro_size):
+                    # the normalisers of the whole minibatch, over all ranks (not this rank's share)
+                    num_seqs = len(minibatch_rows) * world.size
+                    num_tokens = int(all_reduce(mask[minibatch_rows].sum()).clamp(min=1))
+                    loss_sum, value_loss_sum, micro_batches = 0.0, 0.0, minibatch_rows.split(micro_size)
+                    for i, micro_rows in enumerate(micro_batches):
+                        # DDP / FSDP2 average the ranks' gradients in the last micro-batch's backward only
+                        grad_sync(train_model, last=i == len(micro_batches) - 1)
+                        grad_sync(train_value_model, last=i == len(micro_batches) - 1)
                         micro, m = rollout[micro_rows], mask[micro_rows]  # m: (b, C)
-                        logp, entropy = rollout_logprobs(model, micro, temperature=args.temperature,
+                        logp, entropy = rollout_logprobs(train_model, micro, temperature=args.temperature,
                                                          with_entropy=True, group_size=shared)  # (b, C) each
                         old = logp_old[micro_rows]
                         token_loss, clipped_low, clipped_high = policy_token_loss(
@@ -465,14 +507,14 @@ def main(args: Args):
                         if args.ent_coef > 0:
                             token_loss = token_loss - args.ent_coef * entropy
                         # PPO: the critic's loss, clipped around V_old, on the same tokens and normaliser
-                        values = token_values(value_trunk, value_model["head"], micro)  # (b, C)
+                        values = train_value_model(micro)  # (b, C)
                         value_token_loss, value_clipped = value_loss(values, values_old[micro_rows],
                                                                      returns[micro_rows], args.cliprange_value)
                         value_part = aggregate_loss(value_token_loss, m, args.loss_agg, num_seqs, num_tokens,
                                                     max_new_tokens)
                         loss = (aggregate_loss(token_loss, m, args.loss_agg, num_seqs, num_tokens, max_new_tokens)
                                 + args.vf_coef * value_part)
-                        loss.backward()
+                        (loss * world.size).backward()  # the ranks' gradients are averaged: x N makes them a sum
                         loss_sum += loss.item()
                         value_loss_sum += value_part.item()
                         gap = (old - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
@@ -481,8 +523,9 @@ def main(args: Args):
                                      approx_kl=kl_penalty(old, logp.detach(), "k3"),  # k3 of KL(old || new)
                                      mismatch_mean_abs=gap.abs(), frac_tokens_kept=m, value_mean=values)
                         stats.maxes(mismatch_max_ratio=torch.exp(gap).max())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+                    grad_norm = clip_grad_norm(train_model, args.max_grad_norm)
+                    value_grad_norm = clip_grad_norm(train_value_model, args.max_grad_norm)
+                    loss_sum, value_loss_sum = all_reduce(loss_sum), all_reduce(value_loss_sum)  # ranks' shares
                     stop_if_not_finite(step + 1, run_dir, loss=loss_sum, grad_norm=grad_norm,
                                        value_grad_norm=value_grad_norm)
                     optimizer.step()
@@ -493,7 +536,7 @@ def main(args: Args):
                                  value_grad_norm=value_grad_norm)
 
         with torch.no_grad():  # PPO: the critic after its update, on the same batch (how well it fits what it saw)
-            values_new = torch.cat([token_values(value_trunk, value_model["head"], rollout[i:i + micro_size])
+            values_new = torch.cat([value_model(rollout[i:i + micro_size])
                                     for i in range(0, len(rollout), micro_size)]) * mask  # (B, C)
         explained_variance_after = 1 - masked_var(returns - values_new, mask) / masked_var(returns, mask)
 
@@ -518,7 +561,8 @@ def main(args: Args):
             **{f"{k}_time": v for k, v in times.items()}, "step_time": time.perf_counter() - step_start,
         }
         if args.kl_target > 0:  # Ziegler et al.: adapt beta towards the target KL per completion
-            beta = adaptive_kl_beta(beta, kl.sum(-1).mean().item(), args.kl_target, args.kl_horizon, len(rollout))
+            kl_per_completion = all_reduce(kl.sum().item()) / (len(rollout) * world.size)  # over all ranks
+            beta = adaptive_kl_beta(beta, kl_per_completion, args.kl_target, args.kl_horizon, len(rollout) * world.size)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
@@ -530,13 +574,16 @@ def main(args: Args):
     # ---- Finish: checkpoint, final model, held-out evaluation ----------------------------------
     save_checkpoint(run_dir, model, tokenizer, optimizer, None, args.total_steps, checkpoint_extra())
     save_final_model(run_dir, model, tokenizer)
-    torch.save(value_model.state_dict(), os.path.join(run_dir, "value_model.pt"))  # PPO: the critic, for study
+    critic = full_state_dict(value_model, to_cpu=True)  # a collective under FSDP2
+    if world.is_main:
+        torch.save(critic, os.path.join(run_dir, "value_model.pt"))  # PPO: the critic, for study
     engine.sync_weights(model)  # the final evaluation samples with the engine
     result = evaluate(model, tokenizer, task, args.num_eval_prompts, args.num_eval_samples, max_new_tokens,
                       engine=engine, eos_ids=eos_ids)
     logger.log(args.total_steps, result)
     logger.close()
     print_eval(result, run_dir)
+    distributed.cleanup()
     return result
 
 

@@ -46,10 +46,12 @@ from tqdm import tqdm
 
 from common.checkpoint import (resume_from, save_checkpoint, save_final_model, stop_if_not_finite,
                                warn_if_task_mismatch)
+from common import distributed
 from common.cli import Dtype, check, check_device, exact_div
+from common.distributed import all_reduce, clip_grad_norm, grad_sync, setup_distributed, wrap_model
 from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import masked_whiten, rollout_logprobs, score_rollout
-from common.models import eos_token_ids, load_model_and_tokenizer, pick_device, pick_dtype
+from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer, pick_dtype
 from common.rollout import build_engine, generate_and_score, groups_with_signal, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, print_config, print_eval, timed
@@ -69,7 +71,7 @@ class Args:
     total_steps: int = 200
     """optimizer steps (one rollout batch each, one optimizer step each)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8
     """G: completions sampled per prompt"""
     temperature: float = 1.0
@@ -117,7 +119,13 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     micro_batch_size: int = 128
-    """completions per forward/backward; gradients accumulate to the whole rollout batch"""
+    """completions per forward/backward on each rank; gradients accumulate to the whole rollout batch"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
+    lora_rank: int = 0
+    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
+    lora_alpha: float = 32.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
     # ---- evaluation, checkpoints, logging ----------------------------------------------------
     num_eval_prompts: int = 200
     """held-out prompts in the final evaluation"""
@@ -128,7 +136,7 @@ class Args:
     save_every: int = 50
     """steps between resumable checkpoints"""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
+    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     resume: bool = False
@@ -145,9 +153,10 @@ def parse_args(argv=None) -> Args:
     return tyro.cli(Args, args=argv)
 
 
-def validate(args: Args, max_new_tokens: int) -> tuple[int, int]:
-    """Reject bad values and silent knob combinations; derive the batch arithmetic once: a rollout batch
-    of batch_size = num_prompts * G rows is one optimizer step, accumulated over micro-batches of micro_size rows."""
+def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int]:
+    """Reject bad values and silent knob combinations; derive the batch arithmetic once: each of the
+    world_size ranks samples num_prompts / world_size prompts, a rollout batch of batch_size = that * G
+    rows, one optimizer step, accumulated over micro-batches of micro_size rows."""
     check(args.group_size >= 2 or args.baseline not in ("group", "rloo", "reinforce++-baseline"), "group_size",
           f"--baseline {args.baseline} needs >= 2 completions per prompt (the baseline is the others' mean)")
     check(args.group_size >= 1, "group_size", "must be >= 1")
@@ -167,7 +176,10 @@ def validate(args: Args, max_new_tokens: int) -> tuple[int, int]:
           "--sign-weighting weights correctness alone, so the format reward would be ignored; drop one")
     check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
           "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
-    batch_size = args.num_prompts * args.group_size
+    check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")
+    check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
+          "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
+    batch_size = exact_div(args.num_prompts, world_size, "num_prompts", "nproc_per_node") * args.group_size
     micro_size = min(args.micro_batch_size, batch_size)
     exact_div(batch_size, micro_size, "num_prompts", "micro_batch_size")
     return batch_size, micro_size
@@ -284,10 +296,11 @@ def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
     task = load_task(args.task)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    batch_size, micro_size = validate(args, max_new_tokens)
-    run_dir, device = os.path.join("runs", args.run_name), pick_device(args.device)
+    world = setup_distributed(args.device)  # rank 0 of 1 under plain python; see common/distributed.py
+    batch_size, micro_size = validate(args, max_new_tokens, world.size)  # batch_size: this rank's rows
+    run_dir, device = os.path.join("runs", args.run_name), world.device
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     shared = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
     warn_if_task_mismatch(args.model, task.name)
@@ -295,13 +308,16 @@ def main(args: Args):
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
+        model = add_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
     ref_model = None
     if args.beta > 0:  # the frozen starting policy; beta = 0 skips it entirely
-        ref_model, _ = load_model_and_tokenizer(args.model, device, dtype)
-        ref_model.eval().requires_grad_(False)
+        ref_model = wrap_model(frozen_reference(model, args.model, device, dtype), world, args.fsdp)
     eos_ids = eos_token_ids(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_model = wrap_model(model, world, args.fsdp)  # DDP / FSDP2 under torchrun; the model itself otherwise
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
@@ -319,23 +335,25 @@ def main(args: Args):
     logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
     print(f"reinforce ({args.baseline}, sign weighting {args.sign_weighting}): {args.model}, task {task.name}, "
-          f"{len(task.prompts)} prompts, {args.num_prompts} x G={G} per step, device {device}")
+          f"{len(task.prompts)} prompts, {args.num_prompts} x G={G} per step, device {device}, "
+          f"{world.size} process(es)")
     print_config(asdict(args))
-    sample = dict(num_prompts=args.num_prompts, seed=args.seed, n=G, temperature=args.temperature,
+    sample = dict(num_prompts=args.num_prompts // world.size, seed=args.seed, n=G, temperature=args.temperature,
                   max_new_tokens=max_new_tokens, top_p=args.top_p, format_weight=args.format_weight)
 
-    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="reinforce")
+    progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="reinforce",
+                    disable=not world.is_main)
     for step in progress:
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
+        first = data_position + world.rank * sample["num_prompts"]  # rank r samples the r-th share of the prompts
         with timed(times, "gen"):
-            rollout = generate_and_score(engine, tokenizer, task, data_position, **sample)
+            rollout = generate_and_score(engine, tokenizer, task, first, **sample)
         greedy_rewards = None
         if args.baseline == "remax":  # ReMax: one greedy completion of the same prompts, its reward is b
             with timed(times, "baseline"):
-                greedy = generate_and_score(engine, tokenizer, task, data_position, **{**sample, "n": 1,
-                                                                                       "temperature": 0.0})
+                greedy = generate_and_score(engine, tokenizer, task, first, **{**sample, "n": 1, "temperature": 0.0})
             greedy_rewards = greedy.rewards  # (num_prompts,)
         data_position += args.num_prompts
 
@@ -345,7 +363,8 @@ def main(args: Args):
             advantages = sign_weights(rollout.reward_terms["correct"], args.sign_weighting,
                                       args.w_reinforce_lambda).unsqueeze(-1)
         baseline_value = ema  # EMA: the baseline used this step, then updated with this batch's rewards
-        ema = args.ema_decay * ema + (1 - args.ema_decay) * rollout.rewards.mean().item()
+        batch_mean = all_reduce(rollout.rewards.sum().item()) / (len(rollout) * world.size)  # over all ranks
+        ema = args.ema_decay * ema + (1 - args.ema_decay) * batch_mean
         mask = rollout.completion_mask.float()  # (B, C)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
@@ -365,11 +384,15 @@ def main(args: Args):
         stats = StepStats()
         with timed(times, "train"):
             minibatch_rows = torch.arange(len(rollout))  # (B,): every row, one optimizer step
-            num_seqs, num_tokens = len(minibatch_rows), int(mask[minibatch_rows].sum().clamp(min=1))
-            loss_sum = 0.0
-            for micro_rows in minibatch_rows.split(micro_size):
+            # the normalisers of the whole batch, over all ranks (not this rank's share)
+            num_seqs = len(minibatch_rows) * world.size
+            num_tokens = int(all_reduce(mask[minibatch_rows].sum()).clamp(min=1))
+            loss_sum, micro_batches = 0.0, minibatch_rows.split(micro_size)
+            for i, micro_rows in enumerate(micro_batches):
+                # DDP / FSDP2 average the ranks' gradients in the last micro-batch's backward only
+                grad_sync(train_model, last=i == len(micro_batches) - 1)
                 micro, m = rollout[micro_rows], mask[micro_rows]  # m: (b, C)
-                logp, entropy = rollout_logprobs(model, micro, temperature=args.temperature,
+                logp, entropy = rollout_logprobs(train_model, micro, temperature=args.temperature,
                                                  with_entropy=True, group_size=shared)  # (b, C) each
                 token_loss = policy_token_loss(logp, advantages[micro_rows], m)
                 kl = kl_penalty(logp, logp_ref[micro_rows], args.kl_estimator) if args.beta > 0 else None
@@ -380,7 +403,7 @@ def main(args: Args):
                 if args.ent_coef > 0:
                     token_loss = token_loss - args.ent_coef * entropy
                 loss = aggregate_loss(token_loss, m, args.loss_agg, num_seqs, num_tokens, max_new_tokens)
-                loss.backward()
+                (loss * world.size).backward()  # the ranks' gradients are averaged: x N makes them a sum
                 loss_sum += loss.item()
                 gap = (logp.detach() - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
                 no_clip = torch.zeros_like(m)  # no ratio, no clip: logged as 0 for the shared metrics
@@ -388,7 +411,8 @@ def main(args: Args):
                              mismatch_mean_abs=gap.abs(), frac_tokens_kept=m > 0,
                              advantage_abs=advantages[micro_rows].abs())
                 stats.maxes(mismatch_max_ratio=torch.exp(gap).max())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = clip_grad_norm(train_model, args.max_grad_norm)
+            loss_sum = all_reduce(loss_sum)  # the batch's loss: the sum of the ranks' shares
             stop_if_not_finite(step + 1, run_dir, loss=loss_sum, grad_norm=grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -436,6 +460,7 @@ def main(args: Args):
     logger.log(args.total_steps, result)
     logger.close()
     print_eval(result, run_dir)
+    distributed.cleanup()
     return result
 
 

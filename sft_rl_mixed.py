@@ -55,11 +55,14 @@ from tqdm import tqdm
 
 from common.checkpoint import (resume_from, save_checkpoint, save_final_model, stop_if_not_finite,
                                warn_if_task_mismatch)
+from common import distributed
 from common.cli import Dtype, arg_error, check, check_device, exact_div
 from common.evaluation import evaluate, greedy_accuracy
 from common.logprobs import (entropy_from_logits, masked_sum, rollout_logits, rollout_logprobs, score_rollout,
                              selective_log_softmax)
-from common.models import eos_token_ids, load_model_and_tokenizer, looks_like_path, pick_device, pick_dtype
+from common.distributed import all_gather, all_reduce, all_reduce_grads, clip_grad_norm, setup_distributed
+from common.models import (add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer, looks_like_path,
+                           pick_dtype)
 from common.rollout import build_engine, demonstration_rollout, generate_and_score, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task, rows_at
 from common.tracking import RunLogger, StepStats, print_config, print_eval, timed
@@ -84,7 +87,7 @@ class Args:
     total_steps: int = 200
     """optimizer steps (one rollout batch each, times num_epochs * num_minibatches updates)"""
     num_prompts: int = 16
-    """prompts per rollout batch"""
+    """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8
     """G: completions sampled per prompt (rft: k, the samples the verifier filters)"""
     temperature: float = 1.0
@@ -148,7 +151,13 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
     micro_batch_size: int = 128
-    """completions per forward/backward; gradients accumulate to the minibatch"""
+    """completions per forward/backward on each rank; gradients accumulate to the minibatch"""
+    fsdp: bool = False
+    """not supported here: the gradient split by source (expert / on-policy) needs each rank's full gradient"""
+    lora_rank: int = 0
+    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
+    lora_alpha: float = 32.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
     # ---- evaluation, checkpoints, logging ----------------------------------------------------
     num_eval_prompts: int = 200
     """held-out prompts in the final evaluation"""
@@ -159,7 +168,7 @@ class Args:
     save_every: int = 50
     """steps between resumable checkpoints"""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
+    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
     dtype: Dtype = "auto"
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     resume: bool = False
@@ -176,7 +185,7 @@ def parse_args(argv=None) -> Args:
     return tyro.cli(Args, args=argv)
 
 
-def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
+def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int, int]:
     """Reject bad values and silent knob combinations; derive the batch arithmetic once: a rollout batch
     of batch_size = num_prompts * G rows is cut into num_minibatches optimizer steps of whole groups
     (minibatch_size rows), each accumulated over micro-batches of micro_size rows."""
@@ -207,7 +216,10 @@ def validate(args: Args, max_new_tokens: int) -> tuple[int, int, int]:
     check(args.mu_schedule != "constant" or args.mu_min == 0, "mu_min", "needs --mu-schedule linear or chord")
     check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
           "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
-    batch_size = args.num_prompts * args.group_size
+    check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")
+    check(not args.fsdp, "fsdp", "sft_rl_mixed.py splits each rank's full gradient by source (expert / "
+          "on-policy), which FSDP2 shards; run it with DDP's full copies (drop --fsdp), or --lora-rank for memory")
+    batch_size = exact_div(args.num_prompts, world_size, "num_prompts", "nproc_per_node") * args.group_size
     minibatch_size = exact_div(batch_size, args.num_minibatches, "num_prompts", "num_minibatches")
     check(minibatch_size % args.group_size == 0, "num_minibatches", "each minibatch must hold whole groups")
     micro_size = min(args.micro_batch_size, minibatch_size)
@@ -428,10 +440,11 @@ def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
     task = load_task(args.task)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    batch_size, _, micro_size = validate(args, max_new_tokens)
-    run_dir, device = os.path.join("runs", args.run_name), pick_device(args.device)
+    world = setup_distributed(args.device)  # rank 0 of 1 under plain python; see common/distributed.py
+    batch_size, _, micro_size = validate(args, max_new_tokens, world.size)  # batch_size: this rank's rows
+    run_dir, device = os.path.join("runs", args.run_name), world.device
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     shared = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
     warn_if_task_mismatch(args.model, task.name)
@@ -441,11 +454,12 @@ def main(args: Args):
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
     model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
+        model = add_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
     ref_model = None
     if args.beta > 0:  # the frozen starting policy; beta = 0 skips it entirely
-        ref_model, _ = load_model_and_tokenizer(args.model, device, dtype)
-        ref_model.eval().requires_grad_(False)
+        ref_model = frozen_reference(model, args.model, device, dtype)
     teacher = None
     if args.mode == "distill":  # the frozen teacher: it scores the student's samples, never trains
         hint = "train one, e.g. `python sft.py --task add --run-name sft_add_teacher`"
@@ -455,8 +469,11 @@ def main(args: Args):
         teacher.eval().requires_grad_(False)
         check_teacher(args.teacher, teacher, teacher_tokenizer, model, tokenizer, task)
     eos_ids = eos_token_ids(model, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    # Under torchrun: no DDP wrapper here. backward_by_source writes the expert's part of the gradient with
+    # autograd.grad, which DDP's hooks never see, so the ranks' gradients are summed by all_reduce_grads.
+    distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights (as DDP would make sure)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
@@ -474,39 +491,43 @@ def main(args: Args):
     logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
                        resume_step=start_step if args.resume else None)
     print(f"sft_rl_mixed ({args.mode}): {args.model}, task {task.name}, {len(task.prompts)} prompts, "
-          f"{args.num_prompts} x G={G} per step, device {device}")
+          f"{args.num_prompts} x G={G} per step, device {device}, {world.size} process(es)")
     print_config(asdict(args))
-    sample = dict(num_prompts=args.num_prompts, seed=args.seed, n=G, temperature=args.temperature,
+    sample = dict(num_prompts=args.num_prompts // world.size, seed=args.seed, n=G, temperature=args.temperature,
                   max_new_tokens=max_new_tokens, top_p=args.top_p, format_weight=args.format_weight)
     # logp_old needs its own pass if the policy moves within a step; distill always scores it beside the teacher
     need_old_pass = args.num_epochs * args.num_minibatches > 1 or args.mode == "distill"
     start_cpu = time.process_time()
 
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
-                    desc=f"sft_rl_mixed {args.mode}")
+                    desc=f"sft_rl_mixed {args.mode}", disable=not world.is_main)
     for step in progress:
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         mu = mu_at(step, args) if args.mode == "weighted" else None
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
+        first, n = data_position + world.rank * sample["num_prompts"], sample["num_prompts"]  # this rank's share
         with timed(times, "gen"):
-            rollout = generate_and_score(engine, tokenizer, task, data_position, **sample)
+            rollout = generate_and_score(engine, tokenizer, task, first, **sample)
             # weighted / luffy: the expert's demonstration of the same prompts, one row per prompt
-            expert = demonstration_rollout(tokenizer, task, data_position, args.num_prompts, args.seed, "expert",
+            expert = demonstration_rollout(tokenizer, task, first, n, args.seed, "expert",
                                            eos_ids[0], max_new_tokens, device) if uses_expert else None
-        slices = task.prompts[rows_at(len(task.prompts), data_position, args.num_prompts, args.seed)]["slice"] \
-            if task.slices else None
+        slices = task.prompts[rows_at(len(task.prompts), first, n, args.seed)]["slice"] if task.slices else None
         data_position += args.num_prompts
         everything, group = rollout, G  # all that was sampled (for the log); rows per group in the update
 
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
-        advantages = compute_advantages(rollout.rewards.view(-1, G), args.scale_rewards, args.adv_eps).view(-1)  # (B,)
+        rewards = all_gather(rollout.rewards).view(-1, G)  # every rank's, so --scale-rewards batch takes the global std
+        advantages = compute_advantages(rewards, args.scale_rewards, args.adv_eps).view(-1)
+        advantages = advantages.chunk(world.size)[world.rank]  # (B,) this rank's rows
         if args.mode == "luffy":  # LUFFY: the expert is member G + 1 of its group; the baseline sees all G + 1
-            mixed = compute_advantages(torch.cat([rollout.rewards.view(-1, G), expert.rewards.unsqueeze(-1)], 1),
-                                       args.scale_rewards, args.adv_eps)  # (num_groups, G + 1)
+            mixed = compute_advantages(torch.cat([rewards, all_gather(expert.rewards).unsqueeze(-1)], 1),
+                                       args.scale_rewards, args.adv_eps).chunk(world.size)[world.rank]  # (n, G + 1)
             advantages, expert_advantages = mixed[:, :G].reshape(-1), mixed[:, G]  # (B,), (num_groups,)
         if args.mode == "rft":  # RFT: w = 1 on the accepted samples, which become the batch; no baseline
             rollout = rollout[rft_rows(rollout.reward_terms["correct"], rollout.completions, G, args.rft_dedup)]
+            # under torchrun every rank keeps as many as the rank with the fewest: the same optimizer steps on all
+            rollout = rollout[:all_reduce(len(rollout), "min")]
             advantages, group = torch.ones(len(rollout), device=device), 1
             if len(rollout) == 0:  # nothing accepted: nothing to imitate this step
                 logger.log(step + 1, {**reward_metrics(everything, G), "loss": None, "skipped": 1})
@@ -534,10 +555,13 @@ def main(args: Args):
             for epoch in range(args.num_epochs):
                 for groups in torch.randperm(num_groups).chunk(args.num_minibatches):
                     minibatch_rows = (groups[:, None] * group + torch.arange(group)).flatten()  # (mb,)
-                    num_seqs, num_tokens = len(minibatch_rows), int(mask[minibatch_rows].sum().clamp(min=1))
-                    num_expert_tokens = int(expert_mask[groups].sum().clamp(min=1)) if expert is not None else 0
+                    # the normalisers of the whole minibatch, over all ranks (not this rank's share)
+                    num_seqs = len(minibatch_rows) * world.size
+                    num_tokens = int(all_reduce(mask[minibatch_rows].sum()).clamp(min=1))
+                    num_expert_tokens = int(all_reduce(expert_mask[groups].sum()).clamp(min=1)) if expert is not None \
+                        else 0
                     if args.mode == "luffy":  # one objective over the mixed groups: the normaliser counts both
-                        num_seqs, num_tokens = num_seqs + len(groups), num_tokens + num_expert_tokens
+                        num_seqs, num_tokens = num_seqs + len(groups) * world.size, num_tokens + num_expert_tokens
                     expert_grads = [torch.zeros_like(p) for p in params] if uses_expert or teacher is not None else None
                     loss_sum, loss_expert = 0.0, 0.0
                     for micro_rows in minibatch_rows.split(micro_size):
@@ -599,8 +623,10 @@ def main(args: Args):
                             loss_sum += number(part_expert)
                             loss_expert += number(part_expert)
                             stats.tokens(em, expert_nll=-logp_e, expert_prob=torch.exp(logp_e))
+                    all_reduce_grads(params, expert_grads)  # the ranks' shares -> the minibatch's gradient
                     split = gradient_split(params, expert_grads) if expert_grads is not None else None
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = clip_grad_norm(model, args.max_grad_norm)
+                    loss_sum, loss_expert = all_reduce(loss_sum), all_reduce(loss_expert)  # the ranks' shares
                     if split is None:  # rft, weighted with mu = 0: no expert or teacher tokens at all
                         split = {"grad_norm/expert": 0.0, "grad_norm/on_policy": float(grad_norm),
                                  "grad_share/expert": 0.0, "grad_share/on_policy": 1.0}
@@ -655,6 +681,7 @@ def main(args: Args):
     logger.log(args.total_steps, result)
     logger.close()
     print_eval(result, run_dir)
+    distributed.cleanup()
     return result
 
 

@@ -9,6 +9,11 @@ Layout of a run folder `runs/<run_name>/`:
 
 A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so a run killed
 while saving still has the previous complete checkpoint.
+
+Under torchrun every rank calls these functions (FSDP2 gathers the full weights and optimizer
+state collectively); rank 0 alone writes, with every rank's RNG state, so a resumed run
+continues each rank's sampling stream exactly. A LoRA run also keeps its adapters in
+`adapter/` beside the merged weights (the folder stays `from_pretrained`-loadable).
 """
 
 import json
@@ -20,6 +25,8 @@ import sys
 
 import numpy as np
 import torch
+
+from common import distributed
 
 STATE_FILE = "trainer_state.pt"
 
@@ -46,23 +53,35 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, step: 
     `data_position` (prompts consumed so far) or an EMA baseline.
     """
     final, tmp, old = (os.path.join(run_dir, name) for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    weights = distributed.full_state_dict(model, to_cpu=True)  # collective under FSDP2
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": distributed.optimizer_state_dict(model, optimizer),  # collective under FSDP2
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(),
+        "rng": distributed.all_gather_object(rng_state()),  # one per rank
         "extra": extra or {},
     }
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save_weights(tmp, model, tokenizer, weights)
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
+
+
+def _save_weights(folder: str, model, tokenizer, weights: dict):
+    """HF-format full weights (LoRA merged) in folder; a LoRA model's adapters in folder/adapter."""
+    model = distributed.unwrap(model)
+    if hasattr(model, "get_base_model"):  # peft: merged weights for from_pretrained, adapters beside them
+        model.save_pretrained(os.path.join(folder, "adapter"))
+        model = model.get_base_model()
+    model.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
 
 
 def find_checkpoint(run_dir: str) -> str | None:
@@ -82,19 +101,31 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     """
     from transformers import AutoModelForCausalLM
 
+    inner = distributed.unwrap(model)
     try:
-        weights = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
-        model.load_state_dict(weights)
+        if hasattr(inner, "get_base_model"):  # LoRA: the base is args.model; only the adapters trained
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(inner, load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
+        else:
+            weights = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
+            distributed.load_full_state_dict(model, weights)
     except Exception as e:  # SafetensorError, OSError, size mismatches: all mean "this folder is not usable"
         _damaged(path, "model.safetensors", e)
     try:
         state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state_dict(model, optimizer, state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except Exception as e:
         _damaged(path, STATE_FILE, e)
-    set_rng_state(state["rng"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rngs) != distributed.world_size():
+        sys.exit(f"error: --resume: {path} was written by {len(rngs)} process(es), this run has "
+                 f"{distributed.world_size()}; resume with torchrun --nproc_per_node {len(rngs)} "
+                 f"(or plain python for 1) to continue exactly")
+    set_rng_state(rngs[distributed.rank()])
     return state
 
 
@@ -162,7 +193,10 @@ def warn_if_task_mismatch(model_path: str, task_name: str):
 
 
 def save_final_model(run_dir: str, model, tokenizer) -> str:
-    """The trained model in HF format at the top of the run folder."""
-    model.save_pretrained(run_dir)
-    tokenizer.save_pretrained(run_dir)
+    """The trained model in HF format at the top of the run folder: full weights (gathered under
+    FSDP2, merged under LoRA, with the adapters in run_dir/adapter). Rank 0 writes."""
+    weights = distributed.full_state_dict(model, to_cpu=True)
+    if distributed.rank() == 0:
+        _save_weights(run_dir, model, tokenizer, weights)
+    distributed.barrier()
     return run_dir

@@ -5,6 +5,8 @@ Every script ends with `evaluate(...)` and logs its result as the final
 `evaluate(..., num_samples=64, ks=range(1, 65))` gives the whole pass@k curve (does RL only
 sharpen what the model can already sample, or does it reach new answers? Yue et al., 2025),
 and a task whose test split has a `slice` column gets every number per slice as well.
+Under torchrun each rank evaluates every N-th prompt and the ranks pool their per-prompt
+results, so every rank returns the same numbers.
 """
 
 import math
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from common import distributed
 from common.rewards import score_completions
 from common.rollout import generate
 from common.tasks import format_prompt
@@ -72,11 +75,12 @@ def evaluate(
         raise ValueError(f"ks must lie in 1..num_samples={num_samples}, got {ks}")
     test = task.test.select(range(min(num_prompts, len(task.test))))
     max_new_tokens = max_new_tokens or task.max_new_tokens
+    mine = my_share(len(test))  # this rank's prompts (all of them under plain python)
     greedy_correct, counts = [], []  # per prompt: greedy right (0/1), (samples, right samples)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(test), batch_size):
-            rows = test.select(range(start, min(start + batch_size, len(test))))
+        torch.manual_seed(seed + distributed.rank())
+        for start in range(0, len(mine), batch_size):
+            rows = test.select(mine[start:start + batch_size])
             prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
             answers = rows["answer"]
 
@@ -90,6 +94,7 @@ def evaluate(
                                             sampled.is_eos.tolist())
             correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
             counts += [(num_samples, int(c)) for c in correct_per_prompt]
+    greedy_correct, counts = pool_shares(len(test), mine, greedy_correct, counts)
     result = {"event": "eval", "accuracy": sum(greedy_correct) / len(greedy_correct)}
     result.update({f"pass@{k}": v for k, v in pass_at_k_curve(counts, ks).items()})
     result["num_prompts"] = len(test)
@@ -111,9 +116,31 @@ def evaluate(
 def greedy_accuracy(model, tokenizer, task, num_prompts: int = 64, max_new_tokens: int | None = None,
                     engine=None, eos_ids=None) -> float:
     """Greedy accuracy on the first num_prompts held-out prompts: the cheap in-training check."""
-    rows = task.test.select(range(min(num_prompts, len(task.test))))
+    test = task.test.select(range(min(num_prompts, len(task.test))))
+    mine = my_share(len(test))
+    rows = test.select(mine)
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
     greedy = generate(engine, model, tokenizer, prompts, 1, 0.0, max_new_tokens or task.max_new_tokens,
                       eos_ids=eos_ids)
     _, terms, _ = score_completions(task.verifier, greedy.completions, rows["answer"], greedy.is_eos.tolist())
-    return sum(terms["correct"]) / len(terms["correct"])
+    (correct,) = pool_shares(len(test), mine, terms["correct"])
+    return sum(correct) / len(correct)
+
+
+def my_share(num_prompts: int) -> list[int]:
+    """This rank's prompt indices: r, r + N, r + 2N, ... Every rank gets the same count (the last
+    ranks repeat prompt indices mod num_prompts, dropped when pooling), so under FSDP2 every rank
+    runs the same number of generate calls. range(num_prompts) under plain python."""
+    n = distributed.world_size()
+    padded = -(-num_prompts // n) * n
+    return [i % num_prompts for i in range(distributed.rank(), padded, n)]
+
+
+def pool_shares(num_prompts: int, mine: list[int], *per_prompt: list) -> tuple[list, ...]:
+    """Every rank's per-prompt lists -> the lists over all num_prompts prompts, in prompt order."""
+    pooled = [dict() for _ in per_prompt]
+    for indices, values in distributed.all_gather_object((mine, per_prompt)):
+        for out, column in zip(pooled, values):
+            for i, v in zip(indices, column):
+                out.setdefault(i, v)  # a repeated padding index keeps its first (real) value
+    return tuple([out[i] for i in range(num_prompts)] for out in pooled)

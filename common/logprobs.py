@@ -12,6 +12,8 @@ Two facts every script relies on:
 import torch
 import torch.nn.functional as F
 
+from common.distributed import all_reduce
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)
@@ -30,8 +32,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over valid positions; `shift_mean=False` adds the mean back (as TRL does)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over valid positions; `shift_mean=False` adds the mean back (as TRL does).
+
+    The mean and the (unbiased) variance are the whole batch's: under torchrun the sums are
+    all-reduced over ranks, so PPO's and REINFORCE++'s whitening never uses one rank's statistics."""
+    n = all_reduce(mask.sum())
+    mean = all_reduce(masked_sum(x, mask)) / n.clamp(min=1)
+    var = all_reduce(masked_sum((x - mean) ** 2, mask)) / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 
@@ -124,7 +131,7 @@ def _grouped_completion_logprobs(model, prompt_ids, prompt_mask, completion_ids,
     assert B % group_size == 0, "rows must hold whole groups"
     assert torch.equal(prompt_ids[::group_size].repeat_interleave(group_size, 0), prompt_ids), "rows not grouped"
     unique_ids, unique_mask = prompt_ids[::group_size], prompt_mask[::group_size]  # (B / G, P)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=getattr(model, "module", model).config)  # DDP wraps the HF model
     out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=position_ids_from_mask(unique_mask),
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     first_logits = out.logits.repeat_interleave(group_size, dim=0)  # predicts completion token 0: (B, 1, V)

@@ -311,3 +311,41 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     others = gen if isinstance(gen, list) else [gen] if gen is not None else []
     first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return first + sorted({i for i in others if i is not None} - set(first))
+
+
+def add_lora(model, rank: int, alpha: float):
+    """LoRA (Hu et al. 2021, arXiv 2106.09685): W x + (alpha / r) B A x on every linear layer, only A and B
+    train. B starts at 0, so the adapted model starts exactly at the base. Needs peft (pip install -e '.[lora]')."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        sys.exit("error: --lora-rank needs peft: pip install -e '.[lora]' (or drop --lora-rank)")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class AdaptersOff(torch.nn.Module):
+    """The frozen reference under LoRA: the policy's own base weights with the adapters switched off,
+    not a second copy of the model (`frozen_reference`). Called like the model; no parameters of its own."""
+
+    def __init__(self, lora_model):
+        super().__init__()
+        self._lora_model = [lora_model]  # a list: not registered as a submodule, never saved or trained
+
+    @property
+    def config(self):
+        return self._lora_model[0].config
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self._lora_model[0].disable_adapter():
+            return self._lora_model[0](*args, **kwargs)
+
+
+def frozen_reference(model, name: str, device: torch.device, dtype: torch.dtype):
+    """pi_ref, the starting policy, frozen: a second copy loaded from `name`, or under LoRA the policy's
+    base with its adapters disabled (the same tensors: a model's worth of memory saved)."""
+    if hasattr(model, "disable_adapter"):
+        return AdaptersOff(model)
+    ref_model, _ = load_model_and_tokenizer(name, device, dtype)
+    return ref_model.eval().requires_grad_(False)

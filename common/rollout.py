@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from common import distributed
 from common.rewards import overlong_penalty, score_rows
 from common.tasks import format_prompt, rows_at
 
@@ -171,6 +172,9 @@ def generate_hf(
         eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=LogitsProcessorList([recorder]),
+        # FSDP2: every decoding step all-gathers the weights, so a rank whose rows all ended
+        # keeps stepping until every rank is done (else the others wait forever)
+        synced_gpus=distributed.is_sharded(model) and distributed.world_size() > 1,
     )
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1] :]  # (B, C)

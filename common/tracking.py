@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+from common import distributed
+
 
 def _jsonable(value):
     if hasattr(value, "item"):  # 0-d tensors and numpy scalars
@@ -24,10 +26,17 @@ def _jsonable(value):
 
 
 class RunLogger:
-    """Writes each step's metrics to metrics.jsonl, TensorBoard and (optionally) wandb."""
+    """Writes each step's metrics to metrics.jsonl, TensorBoard and (optionally) wandb.
+
+    Under torchrun every rank calls `log` with its own metrics; they are averaged over ranks
+    (`mean_over_ranks`) and rank 0 alone writes."""
 
     def __init__(self, run_dir: str, config: dict, tensorboard: bool = True, wandb_project: str | None = None,
                  resume_step: int | None = None):
+        self.writes = distributed.rank() == 0
+        self.tb = self.wandb = None
+        if not self.writes:
+            return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         kept = []
@@ -56,7 +65,10 @@ class RunLogger:
                                     dir=run_dir, resume="allow")
 
     def log(self, step: int, metrics: dict):
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        metrics = mean_over_ranks({k: _jsonable(v) for k, v in metrics.items()})  # a collective under torchrun
+        if not self.writes:
+            return
+        record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -70,6 +82,23 @@ class RunLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    """Each numeric metric averaged over ranks (rates such as gen_tokens_per_s are then per rank);
+    a `reasons/` count one rank never saw counts 0 there. The identity under plain python."""
+    per_rank = distributed.all_gather_object(metrics)
+    if len(per_rank) == 1:
+        return metrics
+    out = {}
+    for key in dict.fromkeys(k for m in per_rank for k in m):  # every key, in first-seen order
+        values = [m.get(key, 0 if key.startswith("reasons/") else None) for m in per_rank]
+        if all(v == values[0] for v in values):
+            out[key] = values[0]  # the same everywhere (eval results, counters): kept as it is
+            continue
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[key] = sum(numbers) / len(numbers) if numbers and len(numbers) == len(values) else per_rank[0].get(key)
+    return out
 
 
 def read_metrics(run_dir: str) -> list[dict]:

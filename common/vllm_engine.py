@@ -52,6 +52,7 @@ import os
 
 import torch
 
+from common import distributed
 from common.rollout import Rollout, completion_mask_from_ids
 
 MIN_VLLM, MAX_VLLM = (0, 16), (0, 33)  # supported: MIN_VLLM <= (major, minor) < MAX_VLLM, as in pyproject
@@ -94,10 +95,12 @@ class VLLMEngine:
         # so 0) and the worker then calls set_device(cuda:0) (vllm/v1/executor/uniproc_executor.py,
         # vllm/v1/worker/gpu_worker.py `init_device`). Trainer and engine must share one GPU,
         # so another GPU is chosen with CUDA_VISIBLE_DEVICES, not with an index.
-        # Later, for torchrun (one trainer per GPU): each rank's engine must sit on that rank's
-        # GPU, which vLLM does with distributed_executor_backend="external_launcher" (the worker
-        # then takes LOCAL_RANK as its GPU), as TRL's colocate mode does.
-        if self.device.type == "cuda":
+        # Under torchrun (one trainer per GPU) each rank's engine must sit on that rank's GPU:
+        # distributed_executor_backend="external_launcher" makes the worker take LOCAL_RANK as its
+        # GPU and join the process group torchrun made, as TRL's colocate mode does. Each rank
+        # then has its own engine, synced from its own rank's weights, seeded seed + rank.
+        launched = distributed.world_size() > 1 or "WORLD_SIZE" in os.environ
+        if self.device.type == "cuda" and not launched:
             index = torch.cuda.current_device() if self.device.index is None else self.device.index  # "cuda" = current
             if index != 0:
                 raise SystemExit(f"error: --rollout vllm: the in-process vLLM engine always uses the first visible "
@@ -125,7 +128,8 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,  # CUDA only; CPU sizes KV by VLLM_CPU_KVCACHE_SPACE
             max_num_seqs=max_num_seqs,  # bounds the profiling run and the sampler's buffers (module docstring)
             max_num_batched_tokens=max_num_batched_tokens,
-            seed=seed,  # same seed, same samples; in-process this also re-seeds torch's global RNG
+            seed=seed + distributed.rank(),  # same seed, same samples; in-process this also re-seeds torch's RNG
+            **({"distributed_executor_backend": "external_launcher"} if launched else {}),
             enforce_eager=current_platform.is_cpu(),  # CUDA graphs are fine: reload_weights copies in place
             logprobs_mode="processed_logprobs",
         )
@@ -215,7 +219,8 @@ class VLLMEngine:
         # from the engine's) lives only until vLLM has loaded its layer, so a sync never holds
         # a second full copy of the model. The state_dict's order is layer by layer, which is
         # what vLLM's layerwise reload buffers least for.
-        weights = ((name, w.detach().to(self.dtype)) for name, w in model.state_dict().items())
+        # Under DDP the model is unwrapped, under FSDP2 gathered, under LoRA merged (full_state_dict).
+        weights = ((name, w.to(self.dtype)) for name, w in distributed.full_state_dict(model).items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         # KV blocks cached under the old weights must not be reused. vLLM refuses (returns
         # False) while requests still hold blocks; sampling then would silently mix weights.
