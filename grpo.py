@@ -136,6 +136,8 @@ class Args:
     """KL-Cov: coefficient of that penalty"""
     top_entropy_rho: float = 1.0
     """keep the gradient only on the top rho fraction of highest-entropy tokens (Wang et al.: 0.2); 1 = off"""
+    entropy_tokens: Literal["top", "bottom"] = "top"
+    """with --top-entropy-rho < 1: train on that top fraction, or on the rest (Wang et al.'s bottom-80% ablation)"""
     mismatch_correction: Literal["none", "tis", "icepop", "seq_mask", "seq_mask_geo"] = "none"
     """correct for sampler != trainer logprobs (see mismatch_weights)"""
     tis_cap: float = 2.0
@@ -211,6 +213,8 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     check(args.temperature > 0, "temperature", "must be > 0 for sampling")
     check(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     check(0 < args.top_entropy_rho <= 1, "top_entropy_rho", "must be in (0, 1]")
+    check(args.entropy_tokens == "top" or args.top_entropy_rho < 1, "entropy_tokens",
+          "--entropy-tokens bottom trains on the tokens outside the top --top-entropy-rho; set it below 1 (e.g. 0.2)")
     check(args.eps_low >= 0 and args.eps_high >= 0, "eps_low", "clip ranges must be >= 0")
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
     check(args.beta >= 0 and args.ent_coef >= 0, "beta", "--beta and --ent-coef must be >= 0")
@@ -376,7 +380,8 @@ def select_tokens(args: Args, rows, advantages, logp_old, entropy_old, mask, gen
     if args.cov_penalty == "kl_cov":
         kl_cov_tokens[rows] = kl_cov_mask(adv_tokens, all_gather(logp_old[rows]), m, args.kl_cov_ratio)[mine, :C]
     if args.top_entropy_rho < 1:
-        keep[rows] *= top_entropy_mask(all_gather(entropy_old[rows]), m, args.top_entropy_rho)[mine, :C]
+        top = top_entropy_mask(all_gather(entropy_old[rows]), m, args.top_entropy_rho)
+        keep[rows] *= (top if args.entropy_tokens == "top" else m - top)[mine, :C]  # bottom: every other valid token
     return keep, kl_cov_tokens
 
 

@@ -182,6 +182,12 @@ def test_top_entropy_rho_keeps_that_fraction_of_tokens(sft_run, tmp_path, monkey
     _grpo(sft_run[0], "--total-steps", "2", "--num-prompts", "8", "--top-entropy-rho", "0.2")
     kept = [r["frac_tokens_kept"] for r in _steps()]
     assert all(abs(k - 0.2) < 0.02 for k in kept), kept  # ceil(0.2 N) of N ~ 240 tokens
+    # the ablation: the other 80% (the same first batch, so the two sets partition its tokens)
+    _grpo(sft_run[0], "--total-steps", "2", "--num-prompts", "8", "--top-entropy-rho", "0.2", "--entropy-tokens",
+          "bottom", "--run-name", "bottom")
+    bottom = [r["frac_tokens_kept"] for r in read_metrics("runs/bottom") if "event" not in r]
+    assert all(abs(k - 0.8) < 0.02 for k in bottom), bottom
+    assert bottom[0] + kept[0] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_clip_acts_only_when_the_policy_moves_within_a_step(sft_run, tmp_path, monkeypatch):
