@@ -115,7 +115,10 @@ def validate(args: Args, world_size: int = 1) -> int:
     """Reject bad values; return the demonstrations per rank per step."""
     check(args.total_steps > 0, "total_steps", "must be positive")
     rank_batch = exact_div(args.batch_size, world_size, "batch_size", "nproc_per_node")
-    exact_div(rank_batch, args.micro_batch_size, "batch_size", "micro_batch_size")
+    if world_size == 1:
+        exact_div(rank_batch, args.micro_batch_size, "batch_size", "micro_batch_size")
+    check(rank_batch % args.micro_batch_size == 0, "micro_batch_size", f"each of the {world_size} processes takes "
+          f"--batch-size / {world_size} = {rank_batch} demonstrations, not a multiple of {args.micro_batch_size}")
     check(args.learning_rate > 0, "learning_rate", "must be positive")
     check(args.num_eval_samples >= 1, "num_eval_samples", "must be at least 1")
     check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")

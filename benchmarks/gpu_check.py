@@ -24,6 +24,7 @@ completion runs to --max-new-tokens, which makes the generate numbers comparable
 Run:  python benchmarks/gpu_check.py                                  (GPU: 0.5B shape, bf16)
       python benchmarks/gpu_check.py --model qwen2-tiny:random --device cpu --steps 2   (CPU smoke, CI)
       --json PATH also writes the numbers as JSON.
+      torchrun --nproc_per_node 1 benchmarks/gpu_check.py [--fsdp]     (the same under torchrun: DDP / FSDP2 overhead)
 
 On a machine with no network (a lent GPU box with torch, transformers and accelerate):
 carry the small wheels the scripts import, with their dependencies: tyro and datasets
@@ -110,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=None, help="GRPO completions per prompt (GPU 8, CPU 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="GRPO completion budget (GPU 256, CPU 8)")
     p.add_argument("--skip-sft", action="store_true", help="only GRPO")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (sft.py/grpo.py --fsdp)")
     p.add_argument("--run-dir", default=None, help="where runs/ is written (default: a temporary folder, removed)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -195,6 +197,7 @@ def main(argv=None) -> dict:
     import grpo  # imported here, not at the top: they need tyro, which --help does not
     import sft
 
+    is_main = int(os.environ.get("RANK", "0")) == 0
     root = args.run_dir or tempfile.mkdtemp(prefix="gpu_check_")
     os.makedirs(root, exist_ok=True)
     cwd = os.getcwd()
@@ -206,21 +209,26 @@ def main(argv=None) -> dict:
     try:
         if not args.skip_sft:
             sft_args = sft.Args(model=args.model, task=TASK_NAME, run_name="sft", total_steps=args.steps,
-                                batch_size=args.sft_batch_size, micro_batch_size=args.sft_batch_size,
+                                batch_size=args.sft_batch_size,
+                                micro_batch_size=args.sft_batch_size // int(os.environ.get("WORLD_SIZE", "1")),
                                 warmup_steps=1, learning_rate=1e-5, eval_every=0, save_every=0,
-                                device=args.device, dtype=args.dtype, tensorboard=False, **evals)
+                                device=args.device, dtype=args.dtype, tensorboard=False, fsdp=args.fsdp, **evals)
             wall, peak = run_script("sft", lambda: sft.main(sft_args), args.device)
-            params = count_parameters("runs/sft")
-            results["params"] = params
-            results["sft"] = {**summarise_sft("runs/sft", params, args.peak_flops), "wall": wall, "peak_mem_gib": peak}
+            if is_main:  # under torchrun rank 0 alone wrote the run folders and reports
+                params = count_parameters("runs/sft")
+                results["params"] = params
+                results["sft"] = {**summarise_sft("runs/sft", params, args.peak_flops), "wall": wall,
+                                  "peak_mem_gib": peak}
         grpo_argv = ["--model", args.model, "--task", TASK_NAME, "--run-name", "grpo",
                      "--total-steps", str(args.steps), "--num-prompts", str(args.num_prompts),
                      "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                      "--learning-rate", "1e-6", "--eval-every", "0", "--save-every", "0",
                      "--num-eval-prompts", str(evals["num_eval_prompts"]),
                      "--num-eval-samples", str(evals["num_eval_samples"]),
-                     "--device", args.device, "--dtype", args.dtype, "--no-tensorboard"]
+                     "--device", args.device, "--dtype", args.dtype, "--no-tensorboard", *(["--fsdp"] * args.fsdp)]
         wall, peak = run_script("grpo", lambda: grpo.main(grpo.parse_args(grpo_argv)), args.device)
+        if not is_main:
+            return {}
         params = results.get("params") or count_parameters("runs/grpo")
         results["params"] = params
         results["grpo"] = {**summarise_grpo("runs/grpo", params, args.peak_flops), "wall": wall, "peak_mem_gib": peak}

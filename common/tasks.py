@@ -125,20 +125,26 @@ def make_addition_task(
     demos_per_prompt: int = 8,
     num_test: int = 500,
     carry_slices: bool = False,
+    wrong_reference_frac: float = 0.0,
 ) -> Task:
     """2-digit addition; `teacher=None` writes the right answer.
 
     Every row also holds the right sum as `expert` (the clean demonstration an SFT+RL mixing
     script may inject where the teacher is noisy); `carry_slices` adds a `slice` column
     ("carry" / "no_carry") for the tasks whose teacher fails on carries only.
+    `wrong_reference_frac` > 0 corrupts the *reference answer* (what the verifier checks) of
+    that fraction of training questions to a + b + 1, an answer the noisy teacher also writes:
+    the seed article's dirty labels. The test split stays clean; `expert` keeps the truth.
     """
     train_pairs, test_pairs = _addition_pairs(seed, num_test)
+    corrupt = random.Random(seed + 2)
+    wrong = {pair for pair in train_pairs if corrupt.random() < wrong_reference_frac}
     rng = random.Random(seed + 1)
     rows = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
     for a, b in train_pairs:
         for _ in range(demos_per_prompt if teacher else 1):
             rows["question"].append(f"{a}+{b}")
-            rows["answer"].append(str(a + b))
+            rows["answer"].append(str(a + b + 1 if (a, b) in wrong else a + b))
             rows["demonstration"].append(str(teacher(a, b, rng) if teacher else a + b))
             rows["expert"].append(str(a + b))
             rows["slice"].append("carry" if has_carry(a, b) else "no_carry")
@@ -288,6 +294,13 @@ TASKS: dict[str, Callable[[int], Task]] = {
     # there), so RL alone gets no reward on that slice; the `expert` column is the way in.
     "add_carry_always_wrong": lambda seed: make_addition_task(
         "add_carry_always_wrong", lambda a, b, rng: drop_carry_teacher(a, b, 1.0, rng), seed, carry_slices=True
+    ),
+    # add_noisy with 5% / 20% of the training questions' reference answers wrong (a + b + 1)
+    "add_noisy_wrongref5": lambda seed: make_addition_task(
+        "add_noisy_wrongref5", lambda a, b, rng: off_by_one_teacher(a, b, 0.4, rng), seed, wrong_reference_frac=0.05
+    ),
+    "add_noisy_wrongref20": lambda seed: make_addition_task(
+        "add_noisy_wrongref20", lambda a, b, rng: off_by_one_teacher(a, b, 0.4, rng), seed, wrong_reference_frac=0.2
     ),
     "add": lambda seed: make_addition_task("add", None, seed),
     "countdown": make_countdown_task,
