@@ -171,3 +171,20 @@ def test_torchrun_grpo_learns_like_one_process(sft_run, tmp_path):
     assert sum(r["sampled_accuracy"] for r in last) / 5 > sum(r["sampled_accuracy"] for r in first) / 5 + 0.1
     assert result["pass@1"] > sft_run[1]["pass@1"] + 0.15
     assert result["accuracy"] >= sft_run[1]["accuracy"] - 0.1
+
+
+def test_torchrun_grpo_with_vllm_keeps_one_synced_engine_per_rank(sft_run, tmp_path):
+    """--rollout vllm under torchrun: each rank builds its own in-process engine (external_launcher) and syncs
+    it from its own rank's weights. After the first optimizer step the sampler's logprobs still equal the
+    trainer's (the logged mismatch is the mean over both ranks: one stale engine would show)."""
+    pytest.importorskip("vllm")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "grpo.py"), "--model", sft_run[0], "--rollout", "vllm", "--total-steps", "3",
+           "--num-prompts", "4", "--learning-rate", "1e-3", *QUICK]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_metrics(tmp_path / "runs" / "grpo") if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert all(r["mismatch_mean_abs"] < 1e-5 and r["mismatch_max_ratio"] < 1.001 for r in steps[1:]), steps
