@@ -14,6 +14,8 @@ world size 1. With N processes the scripts do data parallelism, the field's plai
   - rank 0 alone writes metrics, checkpoints and the final model.
 """
 
+import atexit
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -58,18 +60,26 @@ def setup_distributed(device: str) -> World:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy_at_exit)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
     return World(rank, size, device, launched=True)
 
 
 def cleanup():
-    """Wait for every rank at the end of a torchrun run (a no-op under plain python).
-
-    The process group is left for the interpreter to tear down: destroy_process_group() here
-    leaves DDP's reducer holding a dead gloo group, whose destructor can hang at exit."""
+    """Wait for every rank at the end of a torchrun run (a no-op under plain python). The process
+    group itself is destroyed at exit (`_destroy_at_exit`), once the script's DDP wrappers are gone."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def _destroy_at_exit():
+    """Tear the process group down in order: first the DDP reducers that hold it (collected once main()
+    has returned), then the group. Destroying it while a reducer lives made that reducer's destructor hang;
+    leaving it to interpreter teardown sometimes aborted ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def barrier():
