@@ -513,10 +513,9 @@ def main(args: Args):
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
+        first = data_position + world.rank * sample["num_prompts"]  # rank r samples the r-th share of the prompts
         with timed(times, "gen"):
-            # rank r samples prompts r * n .. r * n + n - 1 of the step's num_prompts (whole groups)
-            sampled = [generate_and_score(engine, tokenizer, task, data_position + world.rank * sample["num_prompts"],
-                                          **sample)]
+            sampled = [generate_and_score(engine, tokenizer, task, first, **sample)]
         data_position += args.num_prompts
         rollout = sampled[0]
         # DAPO: dynamic sampling. A group whose rewards are all equal has zero advantage and no

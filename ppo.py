@@ -402,8 +402,9 @@ def main(args: Args):
     # trained reward model; ours would sit on a trunk never trained to predict reward).
     head = torch.nn.Linear(model.config.hidden_size, 1, device=device)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    trunk = load_model_and_tokenizer(args.model, device, dtype)[0].base_model if args.value_model == "separate" \
-        else None
+    trunk = None  # --value-model shared: the critic reads the policy's own trunk
+    if args.value_model == "separate":
+        trunk = load_model_and_tokenizer(args.model, device, dtype)[0].base_model
     value_model = Critic(head, trunk, shared_trunk=model.base_model).train()
     train_value_model = wrap_model(value_model, world, args.fsdp)  # DDP / FSDP2 under torchrun, like the policy
     # shared: the head's optimizer holds the head only; the value loss reaches the trunk through the policy's
@@ -446,10 +447,9 @@ def main(args: Args):
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
         # N+ 1. truncate after the first EOS: the engine's completion_mask ends at it, padding after.
         # N+ 2. score the truncated text: generate_and_score's verifier, R_i in rollout.rewards.
+        first = data_position + world.rank * sample["num_prompts"]  # rank r samples the r-th share of the prompts
         with timed(times, "gen"):
-            # rank r samples prompts r * n .. r * n + n - 1 of the step's num_prompts (whole groups)
-            rollout = generate_and_score(engine, tokenizer, task, data_position + world.rank * sample["num_prompts"],
-                                         **sample)
+            rollout = generate_and_score(engine, tokenizer, task, first, **sample)
         data_position += args.num_prompts
 
         # ---- 3. Advantage: per token, by GAE; it needs 4. Score's logp_old, logp_ref and V_old, so it follows it

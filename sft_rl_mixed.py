@@ -506,7 +506,8 @@ def main(args: Args):
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         mu = mu_at(step, args) if args.mode == "weighted" else None
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
-        first, n = data_position + world.rank * sample["num_prompts"], sample["num_prompts"]  # this rank's share
+        first = data_position + world.rank * sample["num_prompts"]  # rank r samples the r-th share of the prompts
+        n = sample["num_prompts"]
         with timed(times, "gen"):
             rollout = generate_and_score(engine, tokenizer, task, first, **sample)
             # weighted / luffy: the expert's demonstration of the same prompts, one row per prompt
