@@ -2,7 +2,7 @@
 
 Runs the scripts' own `main()` (the real loop, not a re-implementation) on `--model
 qwen2.5-0.5b:random`: Qwen2.5-0.5B's exact shape with seeded random weights and Qwen2.5's
-real tokenizer (built offline, see common/models.py), bf16, HF `generate` rollouts, on a
+real tokenizer (built offline, see common/qwen_offline.py), bf16, HF `generate` rollouts, on a
 GSM8K-style task of hand-written records (below; no dataset download). Then it reads each
 run's metrics.jsonl and prints:
 - the GRPO step split into generate / score / train (+ sync, + the rest), from the

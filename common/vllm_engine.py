@@ -53,7 +53,7 @@ import os
 import torch
 
 from common import distributed
-from common.rollout import Rollout, completion_mask_from_ids
+from common.rollout_data import Rollout, completion_mask_from_ids
 
 MIN_VLLM, MAX_VLLM = (0, 16), (0, 33)  # supported: MIN_VLLM <= (major, minor) < MAX_VLLM, as in pyproject
 

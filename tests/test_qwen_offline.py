@@ -15,7 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import common.tasks
-from common.models import build_qwen_tokenizer, eos_token_ids, load_model_and_tokenizer
+from common.models import eos_token_ids, load_model_and_tokenizer
+from common.qwen_offline import build_qwen_tokenizer
 from common.rewards import math_verifier
 from common.rollout import generate
 from common.tasks import GSM8K_SYSTEM_PROMPT, encode_demonstrations, format_prompt
