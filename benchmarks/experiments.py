@@ -1,4 +1,4 @@
-"""The side-by-side comparison and the seed article's phenomena, each one command on a CPU.
+"""The side-by-side comparison and the phenomena of the Chinese survey "rl与sft", each one command on a CPU.
 
     python benchmarks/experiments.py compare     # SFT, then every RL script from it, same budget (~15 min)
     python benchmarks/experiments.py entropy     # (b) GRPO's entropy falls; Clip-Cov, KL-Cov, NSR keep it up
@@ -190,9 +190,9 @@ def entropy(fresh: bool) -> bool:
                                 "nsr", *rl), 50),
             # the papers' ratios pick 1 token of a ~470-token batch here; 100x as many, to see whether more acts
             ("runs/ent_clip_cov_x100", py("grpo.py", "--run-name", "ent_clip_cov_x100", "--cov-penalty", "clip_cov",
-                                          "--clip-cov-ratio", "0.02", *rl), 60),
+                                          "--clip-cov-frac", "0.02", *rl), 60),
             ("runs/ent_kl_cov_x100", py("grpo.py", "--run-name", "ent_kl_cov_x100", "--cov-penalty", "kl_cov",
-                                        "--kl-cov-ratio", "0.2", *rl), 60)]
+                                        "--kl-cov-frac", "0.2", *rl), 60)]
     run_all(plan, fresh)
     runs = ["runs/cmp_grpo", "runs/ent_clip_cov", "runs/ent_kl_cov", "runs/ent_nsr", "runs/ent_clip_cov_x100",
             "runs/ent_kl_cov_x100"]

@@ -1,4 +1,4 @@
-"""Flag training prompts whose reference answer is probably wrong (the seed article's "错题").
+"""Flag training prompts whose reference answer is probably wrong (the "错题" of the survey "rl与sft").
 
     python benchmarks/reference_audit.py --model runs/grpo --task add_noisy_wrongref20 [--num-prompts 400]
 

@@ -1,4 +1,4 @@
-"""Tables for sft_rl_mixed.py's README section, from finished runs (see docs/sft_rl_mixed.md for the commands).
+"""Tables for sft_rl_mixed.py's section of docs/results.md, from finished runs (commands: docs/sft_rl_mixed.md).
 
     python benchmarks/sft_rl_mixed_report.py --runs runs/A runs/B ... [--teacher runs/sft_add_teacher] [--window 10]
 

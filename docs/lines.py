@@ -21,6 +21,16 @@ With --fix it rewrites each broken link to where its symbol is now:
   the old range, with the old range's length, centred on that occurrence.
 A symbol that occurs nowhere in the file cannot be fixed; it stays in the report.
 
+A range must also hold whole statements (checked with `ast` in a .py file), so that a reader
+never sees half a call: its first line is the first line of a statement (a compound header
+such as `for ...:` counts, and so does a statement nested in a loop or `with`; for a decorated
+function, its first decorator), or a comment or blank line outside any statement (a banner
+above one); its last line is the last line of a statement (its `end_lineno`, nested ones
+included), or such a comment or blank line. Docstrings are prose: a range may start or end on
+any of their lines. A range that starts on a lone `)` or stops before
+the end of a multi-line call is reported, and --fix snaps it outward to the innermost
+statement that contains the cut line (after moving it to its symbol, if the symbol moved).
+
 Run:  python docs/lines.py          report; exit status 1 if a link is broken
       python docs/lines.py --fix    fix what can be fixed, then report what is left
 tests/test_docs.py runs the check, so CI fails when the code drifts away from the docs.
@@ -32,6 +42,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
@@ -101,6 +112,19 @@ def problem(link: Link) -> str | None:
         a, b = overlapping[0]
         return (f"`{link.symbol}` is defined at {link.text} lines {a}-{b}, but the link covers "
                 f"{link.first}-{link.last}")
+    return cut(link)
+
+
+def cut(link: Link) -> str | None:
+    """Why the link's range cuts a statement in two (see the module docstring), or None."""
+    layout = statements(link.file)
+    if layout is None:
+        return None
+    for line, which, edge in ((link.first, "starts", layout.starts), (link.last, "ends", layout.ends)):
+        if line not in edge and line not in layout.free:
+            a, b = layout.around(line)
+            return (f"{link.text}#L{link.first}-L{link.last} {which} in the middle of the statement at "
+                    f"lines {a}-{b} (--fix snaps it to whole statements)")
     return None
 
 
@@ -120,6 +144,74 @@ def function_spans(path: Path, symbol: str) -> list[tuple[int, int]]:
     return [] if tree is None else [
         (min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno) for node in ast.walk(tree)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == symbol]
+
+
+@dataclass
+class Statements:
+    """Where the statements of a Python file begin and end (1-based line numbers)."""
+    starts: set[int]  # first lines of statements (and of decorators)
+    ends: set[int]  # last lines of statements
+    free: set[int]  # comment and blank lines outside every statement's own lines; docstring lines
+    spans: list[tuple[int, int]]  # (first, last) of every statement, its decorators included
+
+    def around(self, line: int) -> tuple[int, int]:
+        """The innermost statement whose lines hold `line` (a line in none: the line itself)."""
+        holding = [(a, b) for a, b in self.spans if a <= line <= b]
+        return min(holding, key=lambda s: s[1] - s[0]) if holding else (line, line)
+
+
+def statements(path: Path) -> Statements | None:
+    """The statement layout of a Python file (None for other files or if it does not parse)."""
+    return _statements(str(path), path.read_text()) if path.suffix == ".py" else None
+
+
+@lru_cache(maxsize=64)
+def _statements(_name: str, text: str) -> Statements | None:
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return None
+    lines = text.splitlines()
+    code = [not (line.strip() == "" or line.strip().startswith("#")) for line in lines]
+    starts, ends, spans = set(), set(), []
+    own, prose = set(), set()  # lines a statement's own tokens sit on; lines of docstrings
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.stmt):
+            continue
+        decorators = getattr(node, "decorator_list", [])
+        first = min([node.lineno] + [d.lineno for d in decorators])
+        starts.add(first)
+        ends.add(node.end_lineno)
+        spans.append((first, node.end_lineno))
+        for d in decorators:
+            starts.add(d.lineno)
+            own.update(range(d.lineno, d.end_lineno + 1))
+        if isinstance(node, ast.Match):
+            body = node.cases[0].pattern.lineno
+        else:  # the first line of a compound statement's body; None for a simple statement
+            body = node.body[0].lineno if isinstance(getattr(node, "body", None), list) else None
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            prose.update(range(node.lineno, node.end_lineno + 1))  # a docstring: a link may quote any part
+        elif body is None:
+            own.update(range(node.lineno, node.end_lineno + 1))
+        else:  # a compound statement owns its header: up to its last line of code before the body
+            header = [i for i in range(node.lineno, body) if code[i - 1]] or [node.lineno]
+            own.update(range(node.lineno, max(header) + 1))
+    free = {i for i in range(1, len(lines) + 1) if not code[i - 1] and i not in own} | prose
+    return Statements(starts, ends, free, spans)
+
+
+def snap(path: Path, first: int, last: int) -> tuple[int, int]:
+    """Widen lines first..last of a Python file to whole statements: a cut first line moves up to
+    the start of the innermost statement holding it, a cut last line down to that one's end."""
+    layout = statements(path)
+    if layout is None:
+        return first, last
+    if first not in layout.starts and first not in layout.free:
+        first = layout.around(first)[0]
+    if last not in layout.ends and last not in layout.free:
+        last = layout.around(last)[1]
+    return first, last
 
 
 def definition_spans(path: Path, symbol: str) -> list[tuple[int, int]]:
@@ -175,8 +267,14 @@ def fix(docs: Path = DOCS) -> list[str]:
     for page in pages(docs):
         source, edits = page.read_text(), []
         for link in find_links(page):
-            if problem(link) is None or (span := new_range(link)) is None:
+            why = problem(link)
+            if why is None:
                 continue
+            # a range that only cuts a statement keeps its place; any other broken one moves first
+            span = (link.first, link.last) if why == cut(link) else new_range(link)
+            if span is None:
+                continue
+            span = snap(link.file, *span)
             edits.append((link, render(link, *span)))
             changed.append(f"{link.where()}: `{link.symbol}` {link.text}#L{link.first}-L{link.last} -> "
                            f"#L{span[0]}-L{span[1]}")
@@ -189,7 +287,8 @@ def fix(docs: Path = DOCS) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fix", action="store_true", help="rewrite broken links to where their symbols are now")
+    parser.add_argument("--fix", action="store_true",
+                        help="rewrite broken links: move each to where its symbol is now, widen it to whole statements")
     args = parser.parse_args(argv)
     if args.fix:
         for line in fix():
@@ -198,7 +297,7 @@ def main(argv=None) -> int:
     for line in broken:
         print(line)
     if not broken:
-        print(f"all line links in {os.path.relpath(DOCS)}/*.md name a symbol inside their range")
+        print(f"all line links in {os.path.relpath(DOCS)}/*.md name a symbol inside their range of whole statements")
     return 1 if broken else 0
 
 

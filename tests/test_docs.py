@@ -1,8 +1,10 @@
 """The docs point at the code; these tests fail when the code moves away from them.
 
 - Every `[X.py#La-Lb](../X.py#La-Lb) `symbol`` link in docs/*.md names a symbol that occurs in
-  lines a..b of X.py, and a link to a function or class starts at its definition
-  (`python docs/lines.py --fix` moves broken links to where the symbol is now).
+  lines a..b of X.py, a link to a function or class starts at its definition, and the range holds
+  whole statements: it neither starts on a lone `)` nor stops inside a multi-line call
+  (`python docs/lines.py --fix` moves broken links to where the symbol is now and widens them to
+  whole statements).
 - Every relative link in docs/*.md and README.md leads to a file or folder that exists.
 - Every ```python excerpt that follows a line link is still, line for line, in the linked file.
 """
@@ -120,3 +122,64 @@ def test_fix_moves_links_to_where_their_symbols_went(tmp_path):
     fixed = page.read_text()
     assert "[algo.py#L7-L11](../algo.py#L7-L11) `loss`" in fixed  # a def: its whole body, found with ast
     assert "[algo.py#L15-L16](../algo.py#L15-L16) `5. Update`" in fixed  # a banner: same span, on the line
+
+
+STEP = (
+    '"""A step.\n'                           # 1
+    "\n"                                     # 2
+    'The loss is summed over rows.\n'        # 3
+    '"""\n'                                  # 4
+    "\n"                                     # 5
+    "\n"                                     # 6
+    "def step(batch, compute):\n"            # 7
+    "    total = 0.0\n"                      # 8
+    "    for row in batch:\n"                # 9
+    "        # ---- 5. Update ----\n"        # 10
+    "        loss = compute(\n"              # 11
+    "            row,\n"                     # 12
+    "            scale=2,\n"                 # 13
+    "        )\n"                            # 14
+    "        total += loss\n"                # 15
+    "    return total\n"                     # 16
+)
+WHOLE = ("[step.py#L3-L3](../step.py#L3-L3) `summed` (a docstring is prose: any of its lines), "
+         "[step.py#L9-L15](../step.py#L9-L15) `for row` (a loop, header to body), "
+         "[step.py#L10-L14](../step.py#L10-L14) `5. Update` (a banner, then a statement nested in the loop), "
+         "[step.py#L11-L15](../step.py#L11-L15) `total += loss` (statements inside the loop), "
+         "[step.py#L7-L16](../step.py#L7-L16) `step`.\n")
+
+
+def test_the_checker_reports_a_range_that_cuts_a_statement(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "step.py").write_text(STEP)
+    page = tmp_path / "docs" / "page.md"
+    page.write_text(WHOLE)
+    assert lines.check(tmp_path / "docs") == []
+    page.write_text(WHOLE + "Starts on a lone `)`: [step.py#L14-L15](../step.py#L14-L15) `total`; "
+                    "stops inside the call: [step.py#L11-L12](../step.py#L11-L12) `compute(`; "
+                    "the loop's header without its body: [step.py#L9-L9](../step.py#L9-L9) `for row`.\n")
+    report = lines.check(tmp_path / "docs")
+    assert len(report) == 3, report
+    assert "step.py#L14-L15 starts in the middle of the statement at lines 11-14" in report[0]
+    assert "step.py#L11-L12 ends in the middle of the statement at lines 11-14" in report[1]
+    assert "step.py#L9-L9 ends in the middle of the statement at lines 9-15" in report[2]
+
+
+def test_fix_widens_a_cut_range_to_whole_statements(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "step.py").write_text(STEP)
+    page = tmp_path / "docs" / "page.md"
+    page.write_text(WHOLE + "[step.py#L14-L15](../step.py#L14-L15) `total`, "
+                    "[step.py#L11-L12](../step.py#L11-L12) `compute(`, "
+                    "[step.py#L9-L9](../step.py#L9-L9) `for row`, "
+                    "[step.py#L1-L2](../step.py#L1-L2) `scale=2`.\n")
+    assert len(lines.check(tmp_path / "docs")) == 4
+    assert len(lines.fix(tmp_path / "docs")) == 4
+    assert lines.check(tmp_path / "docs") == []
+    fixed = page.read_text()
+    assert fixed.startswith(WHOLE)  # whole ranges stay as they were
+    assert "[step.py#L11-L15](../step.py#L11-L15) `total`" in fixed  # up to the start of the call
+    assert "[step.py#L11-L14](../step.py#L11-L14) `compute(`" in fixed  # down to its closing `)`
+    assert "[step.py#L9-L15](../step.py#L9-L15) `for row`" in fixed  # the header takes its body
+    # a symbol that moved: centred on its line (13-14), then widened to the call it sits in
+    assert "[step.py#L11-L14](../step.py#L11-L14) `scale=2`" in fixed
