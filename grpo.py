@@ -15,14 +15,10 @@ In the one view of this project, loss = - E[ w * log pi_theta(y | x) ]: y is the
   grpo.py       baseline = group mean (scaled by the group std); ratio + clip; KL in the loss
   ppo.py        baseline = a learned value model (GAE); ratio + clip; KL in the reward
 
-Every departure from DeepSeekMath GRPO is a flag, off by default; `--preset` sets a named recipe:
-  --preset dr_grpo  Liu et al. 2025: --scale-rewards none --loss-agg seq-mean-token-sum-norm
-  --preset dapo     Yu et al. 2025: --eps-high 0.28 --beta 0 --loss-agg token-mean --num-minibatches 4
-                    --dynamic-sampling --overlong-cache-len (a quarter of max_new_tokens)
-  --preset gspo     Zheng et al. 2025: --importance-level sequence --eps-low 0.0003 --eps-high 0.0004
-                    --beta 0 --loss-agg seq-mean-token-mean --num-minibatches 4
-  --preset cispo    MiniMax-M1 2025: --policy-loss cispo --beta 0 --loss-agg token-mean --num-minibatches 4
-  --preset sapo     Gao et al. 2025: --policy-loss sapo --beta 0 --loss-agg seq-mean-token-mean --num-minibatches 4
+Every departure from DeepSeekMath GRPO is a flag, off by default; `--preset` sets a named recipe (the
+flags each one sets are in PRESETS below): dr_grpo (Liu et al. 2025), dapo (Yu et al. 2025), gspo (Zheng
+et al. 2025), cispo (MiniMax-M1 2025), sapo (Gao et al. 2025). Clip-Cov / KL-Cov (Cui et al. 2025),
+forking tokens (Wang et al. 2025) and the sampler-mismatch corrections (TIS, IcePop) are flags too.
 
 Note: with one update per batch r_t = 1 and the loss *value* is ~0 (mean-centred advantages), the gradient
 is not. Watch reward and `frac_zero_std_groups` (at 1 no group has signal and nothing is learnt).
@@ -31,28 +27,29 @@ Run:  python sft.py && python grpo.py        python grpo.py --preset dapo       
 """
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import (resume_from, save_checkpoint, save_final_model, stop_if_not_finite,
-                               warn_if_task_mismatch)
-from common import distributed
-from common.cli import Dtype, check, check_device, exact_div, parse_with_presets
-from common.distributed import all_gather, all_reduce, clip_grad_norm, grad_sync, setup_distributed, wrap_model
-from common.evaluation import evaluate, greedy_accuracy
+from common.checkpoint import resume_from, save_checkpoint, warn_if_task_mismatch
+from common.cli import (RLRunArgs, check, check_at_least, check_fraction, check_positive, parse_with_presets,
+                        rollout_batch_sizes)
+from common.distributed import all_gather, any_rank, fewest_over_ranks, gather_rows, own_rows, start_run, wrap_model
+from common.evaluation import finish_run, greedy_accuracy
 from common.logprobs import masked_mean, rollout_logprobs, score_rollout
-from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer, pick_dtype
-from common.rollout import Rollout, build_engine, generate_and_score, groups_with_signal, reward_metrics
+from common.minibatch import minibatches
+from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer
+from common.rewards import overlong_penalty
+from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task
-from common.tracking import RunLogger, StepStats, print_config, print_eval, timed
+from common.tracking import RunLogger, StepStats, rollout_metrics, timed
+
 
 @dataclass
-class Args:
+class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, evaluation, vLLM): common/cli.py
     # ---- what to train --------------------------------------------------------------------
     model: str = "runs/sft"
     """policy to start from (and the frozen reference): a folder, a hub id, or qwen2-tiny:random (offline)"""
@@ -60,31 +57,15 @@ class Args:
     """task name (see common/tasks.py)"""
     preset: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"] = "grpo"
     """named recipe; it sets the defaults listed in the file's docstring, explicit flags win"""
-    run_name: str = "grpo"
-    """outputs go to runs/<run_name>/"""
-    seed: int = 1
-    """seed for data order and sampling"""
     # ---- rollout ---------------------------------------------------------------------------
     total_steps: int = 200
-    """optimizer steps (one rollout batch each, times num_epochs * num_minibatches updates)"""
+    """steps: one rollout batch each, trained on with num_epochs * num_minibatches optimizer steps"""
     num_prompts: int = 16
     """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8
     """G: completions sampled per prompt"""
     temperature: float = 1.0
     """sampling temperature; the trainer scores logits / temperature, the same distribution"""
-    top_p: float = 1.0
-    """nucleus sampling; < 1 biases the importance ratio (the trainer does not truncate)"""
-    max_new_tokens: int = 0
-    """completion budget; 0 = the task's default"""
-    rollout: Literal["hf", "vllm"] = "hf"
-    """rollout backend: HF generate, or a vLLM engine in this process (pip install -e '.[cpu]' or '.[gpu]')"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """--rollout vllm on CUDA: share of GPU memory vLLM reserves (weights + KV cache); ignored on CPU"""
-    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """--rollout vllm: the engine's dtype; auto = bf16 on CUDA, the trainer's --dtype on CPU"""
-    sync_every: int = 1
-    """--rollout vllm: copy the trainer's weights into vLLM every k steps (k > 1: samples up to k-1 steps stale)"""
     # ---- reward ----------------------------------------------------------------------------
     format_weight: float = 0.0
     """weight of the format reward (ended with EOS and committed to an answer)"""
@@ -93,7 +74,7 @@ class Args:
     # ---- advantage -------------------------------------------------------------------------
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide (R - group mean) by the group std (GRPO), the batch std, or nothing (Dr. GRPO)"""
-    adv_eps: float = 1e-4
+    std_eps: float = 1e-4
     """eps in (R - mean) / (std + eps)"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal, resample until the batch is full"""
@@ -126,12 +107,12 @@ class Args:
     """drop completions that hit max_new_tokens without EOS from the loss"""
     cov_penalty: Literal["none", "clip_cov", "kl_cov"] = "none"
     """entropy-mechanism interventions (Cui et al. 2025) on high-covariance tokens"""
-    clip_cov_ratio: float = 2e-4
-    """Clip-Cov: fraction of tokens whose gradient is cut"""
+    clip_cov_frac: float = 2e-4
+    """Clip-Cov: fraction of the minibatch's tokens whose gradient is cut"""
     clip_cov_bounds: tuple[float, float] = (1.0, 5.0)
     """Clip-Cov: only tokens with lower < cov < upper are candidates"""
-    kl_cov_ratio: float = 2e-3
-    """KL-Cov: fraction of tokens (top by covariance) that get the |logp - logp_old| penalty"""
+    kl_cov_frac: float = 2e-3
+    """KL-Cov: fraction of the minibatch's tokens (top by covariance) that get the |logp - logp_old| penalty"""
     kl_cov_coef: float = 1.0
     """KL-Cov: coefficient of that penalty"""
     top_entropy_rho: float = 1.0
@@ -143,47 +124,18 @@ class Args:
     tis_cap: float = 2.0
     """TIS: C in min(exp(logp_old - logp_rollout), C)"""
     icepop_bounds: tuple[float, float] = (0.5, 5.0)
-    """IcePop: keep tokens whose k = exp(logp_old - logp_rollout) lies in [alpha, beta]"""
+    """IcePop: keep tokens whose k = exp(logp_old - logp_rollout) lies in [low, high]"""
     seq_mask_bounds: tuple[float, float] = (0.0, 3.0)
-    """seq_mask(_geo): keep completions whose sequence ratio lies in [alpha, beta] (TRL masks above 3)"""
+    """seq_mask(_geo): keep completions whose sequence ratio lies in [low, high] (TRL masks above 3)"""
     # ---- optimisation ----------------------------------------------------------------------
     learning_rate: float = 2e-4
     """AdamW learning rate (constant)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
     num_epochs: int = 1
-    """mu: passes over each rollout batch (> 1 makes r != 1 and the clip matter)"""
+    """passes over each rollout batch (> 1 makes r != 1 and the clip matter)"""
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
-    micro_batch_size: int = 128
-    """completions per forward/backward on each rank; gradients accumulate to the minibatch"""
-    fsdp: bool = False
-    """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
-    lora_rank: int = 0
-    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
-    lora_alpha: float = 32.0
-    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
-    # ---- evaluation, checkpoints, logging ----------------------------------------------------
-    num_eval_prompts: int = 200
-    """held-out prompts in the final evaluation"""
-    num_eval_samples: int = 8
-    """samples per prompt at T = 1 for pass@k"""
-    eval_every: int = 25
-    """steps between quick greedy-accuracy checks on 64 held-out prompts (`eval_accuracy`); 0 = never"""
-    save_every: int = 50
-    """steps between resumable checkpoints"""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
-    dtype: Dtype = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
-    resume: bool = False
-    """continue from runs/<run_name>/checkpoint"""
-    tensorboard: bool = True
-    """write TensorBoard events to the run folder"""
-    track: bool = False
-    """also log to Weights & Biases"""
-    wandb_project: str = "llm-post-training"
-    """wandb project name, with --track"""
 
 
 # overlong_cache_len=-1: a quarter of max_new_tokens. Recipes that treat the ratio differently take 4 optimizer
@@ -204,54 +156,42 @@ def parse_args(argv=None) -> Args:
     return parse_with_presets(Args, PRESETS, argv)
 
 
-def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int, int]:
-    """Reject bad values and silent knob combinations; derive the batch arithmetic once: each of the
-    world_size ranks samples num_prompts / world_size prompts, a rollout batch of batch_size =
-    that * G rows, cut into num_minibatches optimizer steps of whole groups (minibatch_size rows
-    per rank), each accumulated over micro-batches of micro_size rows."""
-    check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
-    check(args.temperature > 0, "temperature", "must be > 0 for sampling")
-    check(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
-    check(0 < args.top_entropy_rho <= 1, "top_entropy_rho", "must be in (0, 1]")
+def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int]:
+    """Reject bad values and silent knob combinations; return the batch arithmetic (rank_rows, micro_size)."""
+    G = args.group_size
+    check_at_least(args, 1, "total_steps", "num_prompts", "num_epochs", "num_minibatches")
+    check_at_least(args, 0, "max_resample_rounds", "eps_low", "eps_high", "cispo_eps_high", "beta",
+                   "ent_coef", "kl_cov_coef")
+    check_positive(args, "temperature", "learning_rate", "max_grad_norm", "std_eps", "tis_cap")
+    check_fraction(args, "top_entropy_rho", "clip_cov_frac", "kl_cov_frac")
+    check(G >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
     check(args.entropy_tokens == "top" or args.top_entropy_rho < 1, "entropy_tokens",
           "--entropy-tokens bottom trains on the tokens outside the top --top-entropy-rho; set it below 1 (e.g. 0.2)")
-    check(args.eps_low >= 0 and args.eps_high >= 0, "eps_low", "clip ranges must be >= 0")
+    check(min(args.sapo_taus) > 0, "sapo_taus", f"gate temperatures must be > 0, got {args.sapo_taus}")
+    for name in ("clip_cov_bounds", "icepop_bounds", "seq_mask_bounds"):
+        check(getattr(args, name)[0] <= getattr(args, name)[1], name, f"needs low <= high, got {getattr(args, name)}")
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
-    check(args.beta >= 0 and args.ent_coef >= 0, "beta", "--beta and --ent-coef must be >= 0")
-    check(args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
-          f"must be smaller than the completion budget ({max_new_tokens})")
-    check_device(args.device)
-    if args.top_p < 1:
-        print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")
+    check(0 <= args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
+          f"must be in [0, {max_new_tokens}) (the completion budget); -1 = a quarter of it")
     # CISPO, SAPO and KL-Cov each replace the clipped surrogate: pairing them, or any of them with
     # the dual clip (a clause of the clipped surrogate), would silently drop one of the two.
-    replacers = [f for f, on in (("--policy-loss cispo", args.policy_loss == "cispo"),
-                                 ("--policy-loss sapo", args.policy_loss == "sapo"),
-                                 ("--cov-penalty kl_cov", args.cov_penalty == "kl_cov")) if on]
+    replacers = [f"--policy-loss {args.policy_loss}"] * (args.policy_loss != "clip") + \
+        ["--cov-penalty kl_cov"] * (args.cov_penalty == "kl_cov")
     check(len(replacers) <= 1, "cov_penalty", f"{' and '.join(replacers)} both replace the clipped surrogate; pick one")
     check(not (replacers and args.dual_clip_c > 0), "dual_clip_c",
           f"the dual clip belongs to the clipped surrogate, which {''.join(replacers[:1])} replaces; drop one")
-    check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
-          "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
-    check(args.lora_rank >= 0, "lora_rank", "must be >= 0 (0 = train every weight)")
-    check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
-          "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
-    batch_size = exact_div(args.num_prompts, world_size, "num_prompts", "nproc_per_node") * args.group_size
-    minibatch_size = exact_div(batch_size, args.num_minibatches, "num_prompts", "num_minibatches")
-    check(minibatch_size % args.group_size == 0, "num_minibatches", "each minibatch must hold whole groups")
-    micro_size = min(args.micro_batch_size, minibatch_size)
-    exact_div(minibatch_size, micro_size, "num_prompts", "micro_batch_size")
-    return batch_size, minibatch_size, micro_size
+    return rollout_batch_sizes(args.num_prompts, G, args.num_minibatches, args.micro_batch_size, world_size)
 
 
 # ==== The algorithm: advantage, per-token loss, aggregation, KL. Pure functions; tests import them ====
 
 
-def compute_advantages(rewards: torch.Tensor, scale_rewards: str, eps: float = 1e-4) -> torch.Tensor:
+def compute_advantages(rewards: torch.Tensor, scale_rewards: str, eps: float = 1e-4,
+                       batch_std: torch.Tensor | None = None) -> torch.Tensor:
     """A_i = (R_i - mean(R_group)) / (std + eps), std over the group, the batch, or not at all.
 
-    rewards (num_groups, G) -> advantages (num_groups, G). std is the unbiased sample std
-    (torch.std), as in DeepSeekMath's and TRL's implementations.
+    rewards (num_groups, G) -> (num_groups, G). std is the unbiased sample std, as in DeepSeekMath's and
+    TRL's code. batch_std: the std of a larger batch (every rank's rewards); default rewards.std().
     >>> compute_advantages(torch.tensor([[1., 0., 0., 1.]]), "none")
     tensor([[ 0.5000, -0.5000, -0.5000,  0.5000]])
     """
@@ -259,7 +199,7 @@ def compute_advantages(rewards: torch.Tensor, scale_rewards: str, eps: float = 1
     if scale_rewards == "group":
         return centred / (rewards.std(dim=1, keepdim=True) + eps)
     if scale_rewards == "batch":  # Hu et al. (REINFORCE++): the batch std is less noisy than a group's
-        return centred / (rewards.std() + eps)
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred  # Dr. GRPO: dividing by std over-weights nearly-all-right and all-wrong groups
 
 
@@ -317,7 +257,8 @@ def aggregate_loss(token_loss, mask, mode: str, num_seqs: int, num_tokens: int, 
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman, 2020):
+    """The per-token KL penalty term k_t, an estimate of KL(pi_theta || pi_ref) from samples of pi_theta
+    (Schulman, 2020); the loss adds beta * k_t. (b, C), (b, C) -> (b, C):
     d = logp_ref - logp;  k1 = -d;  k2 = d^2 / 2;  k3 = exp(d) - d - 1 (>= 0, unbiased)."""
     d = logp_ref - logp
     if estimator == "k1":
@@ -338,50 +279,64 @@ def gspo_log_ratio(logp, logp_old, mask):
 
 
 def cispo_loss(ratio, logp, advantages, eps_high_is):
-    """CISPO (MiniMax-M1, eq. 4): l = -sg(min(r, 1 + eps_high_is)) * A * logp. The weight is capped and
-    detached; the gradient always flows through logp, so unlike PPO's clip no token (a rare "Wait")
-    ever loses its gradient. Returns (loss, capped)."""
+    """CISPO (MiniMax-M1, eq. 4): l = -sg(min(r, 1 + eps_high_is)) * A * logp: the weight is capped and
+    detached, so unlike PPO's clip no token (a rare "Wait") ever loses its gradient. Returns (loss, capped)."""
     weight = torch.clamp(ratio, max=1 + eps_high_is).detach()
     return -weight * advantages * logp, ratio > 1 + eps_high_is
 
 
 def sapo_loss(ratio, advantages, tau_pos, tau_neg):
     """SAPO (Gao et al. 2025, arXiv 2511.20347): l = -f(r) A with f(r) = (4 / tau) sigmoid(tau (r - 1)).
-
-    f'(1) = 1, so on-policy the gradient is exactly the unclipped one; as r leaves 1 the
-    gradient weight f'(r) = 4 sigmoid(x)(1 - sigmoid(x)), x = tau (r - 1), fades smoothly
-    instead of dropping to 0 at a hard edge. tau = tau_pos where A > 0, tau_neg where A < 0.
-    """
+    f'(1) = 1: on-policy the gradient is the unclipped one; off-policy its weight 4 sigmoid(x)(1 - sigmoid(x)),
+    x = tau (r - 1), fades smoothly instead of dropping to 0 at an edge. tau = tau_pos if A > 0, else tau_neg."""
     tau = torch.where(advantages > 0, tau_pos, tau_neg)  # (b, 1)
     return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * advantages
+
+
+def overlong_shaping(rollout: Rollout, max_new_tokens: int, cache_len: int) -> Rollout:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to R_i (logged as reward/overlong):
+    0 up to L_max - L_cache tokens, then linearly down to -1 at L_max, a gentler signal than truncation's."""
+    lengths = rollout.completion_lengths.tolist()
+    penalty = torch.tensor([overlong_penalty(n, max_new_tokens, cache_len) for n in lengths],
+                           device=rollout.rewards.device)  # (B,)
+    rollout.reward_terms["overlong"] = penalty
+    rollout.rewards = rollout.rewards + penalty
+    return rollout
+
+
+def groups_with_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: rows of the groups whose rewards are not all equal (only they get a
+    gradient from a group-relative advantage). rewards (B,) -> (rows,).
+    >>> groups_with_signal(torch.tensor([1., 1., 0., 1.]), 2)
+    tensor([2, 3])
+    """
+    has_signal = rewards.view(-1, G).std(dim=1, correction=0) > 0  # (num_groups,)
+    return has_signal.repeat_interleave(G).nonzero().squeeze(-1)
 
 
 def select_tokens(args: Args, rows, advantages, logp_old, entropy_old, mask, generator=None):
     """Batch-level token selections for the minibatch `rows`: (keep (B, C) float, kl_cov_tokens (B, C) bool).
 
-    Clip-Cov / KL-Cov (Cui et al. 2025) and forking tokens (Wang et al. 2025) rank the minibatch's
-    tokens, so they are chosen once, on rollout-time logprobs and entropy: the result does not depend
-    on the micro-batch size, nor on the number of ranks (every rank ranks the tokens of all ranks'
-    minibatch rows, all_gather'ed, with the same generator, and keeps its own rows). (verl selects
-    per micro-batch on current logprobs; here r = 1 at selection, so no token is "already clipped".)
-    With every variant off: all kept, no KL-Cov token.
-    """
+    Clip-Cov / KL-Cov (Cui et al. 2025) and forking tokens (Wang et al. 2025) rank the minibatch's tokens
+    once, on rollout-time logprobs and entropy (verl ranks each micro-batch on current ones), over every
+    rank's rows with one generator: the choice depends on neither the micro-batch size nor the number of
+    ranks. With every variant off: all kept, no KL-Cov token."""
     keep, kl_cov_tokens = torch.ones_like(mask), torch.zeros_like(mask, dtype=torch.bool)  # (B, C)
     if args.cov_penalty == "none" and args.top_entropy_rho == 1:
         return keep, kl_cov_tokens
-    b, C = len(rows), mask.shape[1]
-    mine = slice(distributed.rank() * b, distributed.rank() * b + b)  # this rank's rows among all ranks'
-    m = all_gather(mask[rows])  # (N * mb, C_max): every rank's minibatch rows
-    adv_tokens = all_gather(advantages[rows]).unsqueeze(-1).expand_as(m)  # (N * mb, C_max)
+    # every rank's minibatch rows (N * mb, C_max), so the ranking is the same on every rank; mine() takes back ours
+    m, adv, logp, entropy = gather_rows(mask[rows], advantages[rows], logp_old[rows], entropy_old[rows])
+    mine = lambda x: own_rows(x, len(rows), mask.shape[1])  # (N * mb, C_max) -> (mb, C)
+    adv_tokens = adv.unsqueeze(-1).expand_as(m)  # (N * mb, C_max)
     if args.cov_penalty == "clip_cov":
-        not_clipped = torch.zeros_like(m, dtype=torch.bool)
-        keep[rows] *= clip_cov_mask(adv_tokens, all_gather(logp_old[rows]), m, not_clipped, args.clip_cov_ratio,
-                                    args.clip_cov_bounds, generator)[mine, :C]
+        not_clipped = torch.zeros_like(m, dtype=torch.bool)  # r = 1 at selection: nothing is clipped yet
+        keep[rows] *= mine(clip_cov_mask(adv_tokens, logp, m, not_clipped, args.clip_cov_frac, args.clip_cov_bounds,
+                                         generator))
     if args.cov_penalty == "kl_cov":
-        kl_cov_tokens[rows] = kl_cov_mask(adv_tokens, all_gather(logp_old[rows]), m, args.kl_cov_ratio)[mine, :C]
+        kl_cov_tokens[rows] = mine(kl_cov_mask(adv_tokens, logp, m, args.kl_cov_frac))
     if args.top_entropy_rho < 1:
-        top = top_entropy_mask(all_gather(entropy_old[rows]), m, args.top_entropy_rho)
-        keep[rows] *= (top if args.entropy_tokens == "top" else m - top)[mine, :C]  # bottom: every other valid token
+        top = top_entropy_mask(entropy, m, args.top_entropy_rho)
+        keep[rows] *= mine(top if args.entropy_tokens == "top" else m - top)  # bottom: every other valid token
     return keep, kl_cov_tokens
 
 
@@ -392,12 +347,12 @@ def token_covariance(advantages, logp, mask):
     return (advantages - advantages[valid].mean()) * (logp - logp[valid].mean())
 
 
-def clip_cov_mask(advantages, logp, mask, clipped, ratio_of_tokens, bounds, generator=None):
-    """Clip-Cov: (B, C) float, 0 on max(1, floor(ratio N)) random valid unclipped tokens with lower < cov_t < upper."""
+def clip_cov_mask(advantages, logp, mask, clipped, frac, bounds, generator=None):
+    """Clip-Cov: (B, C) float, 0 on max(1, floor(frac N)) random valid unclipped tokens with lower < cov_t < upper."""
     valid = mask.bool()
     cov = token_covariance(advantages, logp, mask)  # (B, C)
     candidates = valid & ~clipped & (cov > bounds[0]) & (cov < bounds[1])
-    num_cut = max(1, math.floor(ratio_of_tokens * int(valid.sum())))
+    num_cut = max(1, math.floor(frac * int(valid.sum())))
     idx = candidates.flatten().nonzero().squeeze(-1)
     chosen = idx[torch.randperm(len(idx), generator=generator)[:num_cut]]
     keep = torch.ones(mask.numel(), device=mask.device)
@@ -405,11 +360,11 @@ def clip_cov_mask(advantages, logp, mask, clipped, ratio_of_tokens, bounds, gene
     return keep.view_as(mask)
 
 
-def kl_cov_mask(advantages, logp, mask, ratio_of_tokens):
-    """KL-Cov: (B, C) bool, the top max(1, floor(ratio N)) valid tokens by cov_t (they get |logp - logp_old|)."""
+def kl_cov_mask(advantages, logp, mask, frac):
+    """KL-Cov: (B, C) bool, the top max(1, floor(frac N)) valid tokens by cov_t (they get |logp - logp_old|)."""
     valid = mask.bool()
     cov = token_covariance(advantages, logp, mask).masked_fill(~valid, float("-inf")).flatten()
-    k = min(max(1, math.floor(ratio_of_tokens * int(valid.sum()))), int(valid.sum()))
+    k = min(max(1, math.floor(frac * int(valid.sum()))), int(valid.sum()))
     chosen = torch.zeros_like(cov, dtype=torch.bool)
     chosen[cov.topk(k).indices] = True
     return chosen.view_as(mask)
@@ -426,11 +381,10 @@ def top_entropy_mask(entropy, mask, rho):
 
 
 def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
-    """Per-token weights that correct for sampler != trainer, from k_t = pi_old(y_t) / pi_sampler(y_t).
-
+    """Per-token weights that correct for sampler != trainer, from k_t = pi_old(y_t) / pi_sampler(y_t):
       tis           sg(min(k_t, C))                                   (Yao et al. 2025)
-      icepop        k_t where alpha <= k_t <= beta, else 0            (IcePop; TRL's token_mask)
-      seq_mask      k_i = prod_t k_t on every token of completion i where alpha <= k_i <= beta,
+      icepop        k_t where low <= k_t <= high, else 0              (IcePop; TRL's token_mask)
+      seq_mask      k_i = prod_t k_t on every token of completion i where low <= k_i <= high,
                     else 0 for the whole completion                   (TRL's sequence_mask)
       seq_mask_geo  the same with k_i = exp(mean_t log k_t)           (verl's Geo-RS)
     All are 1 when the sampler and the trainer agree. (b, C) -> (b, C), detached."""
@@ -457,36 +411,31 @@ def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
     task = load_task(args.task)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    if args.overlong_cache_len < 0:  # preset's "a quarter of the budget"
+    if args.overlong_cache_len == -1:  # the DAPO preset's "a quarter of the budget"
         args = replace(args, overlong_cache_len=max(1, max_new_tokens // 4))
-    world = setup_distributed(args.device)  # rank 0 of 1 under plain python; see common/distributed.py
-    batch_size, _, micro_size = validate(args, max_new_tokens, world.size)  # batch_size: this rank's rows
-    run_dir, device = os.path.join("runs", args.run_name), world.device
-    dtype = pick_dtype(args.dtype, device)
+    world, run_dir, dtype = start_run(args, "grpo")  # world: this process among torchrun's (1 of 1 under python)
+    rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
     torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
-    shared = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
+    prefix_group = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
     warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
-    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, world.device, dtype)
     if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
         model = add_lora(model, args.lora_rank, args.lora_alpha)
     model.train()
-    # the frozen starting policy; beta = 0 skips it entirely (DAPO, Dr. GRPO)
-    ref_model = None
-    if args.beta > 0:
-        ref_model = wrap_model(frozen_reference(model, args.model, device, dtype), world, args.fsdp)
+    # the frozen starting policy; beta = 0 skips it entirely (the dapo, gspo, cispo and sapo presets)
+    ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
+        if args.beta > 0 else None
     eos_ids = eos_token_ids(model, tokenizer)
-    train_model = wrap_model(model, world, args.fsdp)  # DDP / FSDP2 under torchrun; the model itself otherwise
+    policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
-    engine = build_engine(args.rollout, model, tokenizer, eos_ids, task=task, max_new_tokens=max_new_tokens,
-                          model_path=args.model, dtype=dtype, vllm_dtype=args.vllm_dtype, max_num_seqs=batch_size,
-                          gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, device=device)
+    engine = build_engine(args, model, tokenizer, eos_ids, task, max_new_tokens, dtype, world.device, rank_rows)
 
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
@@ -495,43 +444,42 @@ def main(args: Args):
         data_position = extra["data_position"]
         engine.sync_weights(model)  # the engine loaded args.model; the resumed trainer is ahead of it
     last_sync = start_step  # the sampler holds the weights of this step; staleness = step - last_sync
-    logger = RunLogger(run_dir, asdict(args), args.tensorboard, args.wandb_project if args.track else None,
-                       resume_step=start_step if args.resume else None)
+    logger = RunLogger(run_dir, args, "grpo", resume_step=start_step if args.resume else None)
     print(f"grpo ({args.preset}): {args.model}, task {task.name}, {len(task.prompts)} prompts, "
-          f"{args.num_prompts} x G={G} per step, device {device}, {world.size} process(es)")
-    print_config(asdict(args))
-    sample = dict(num_prompts=args.num_prompts // world.size, seed=args.seed, n=G, temperature=args.temperature,
-                  max_new_tokens=max_new_tokens, top_p=args.top_p, format_weight=args.format_weight,
-                  overlong_cache_len=args.overlong_cache_len)
+          f"{args.num_prompts} x G={G} per step, device {world.device}, {world.size} process(es)")
+    rank_prompts = args.num_prompts // world.size
+
+    def sample_prompts(position: int) -> Rollout:  # this rank's share of num_prompts prompts, G completions each
+        rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
+                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
+        if args.overlong_cache_len > 0:  # DAPO: a soft penalty over the last L_cache tokens of the budget
+            rollout = overlong_shaping(rollout, max_new_tokens, args.overlong_cache_len)
+        return rollout
+
     # logp_old needs its own pass only if the policy moves within a step or tokens are ranked; else it is sg(logp)
     need_old_pass = (args.num_epochs * args.num_minibatches > 1 or args.cov_penalty != "none"
                      or args.top_entropy_rho < 1)
-
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="grpo",
                     disable=not world.is_main)
     for step in progress:
         step_start, times = time.perf_counter(), dict.fromkeys(("gen", "score", "train", "sync"), 0.0)
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
-        first = data_position + world.rank * sample["num_prompts"]  # rank r samples the r-th share of the prompts
         with timed(times, "gen"):
-            sampled = [generate_and_score(engine, tokenizer, task, first, **sample)]
+            sampled = [sample_prompts(data_position)]
         data_position += args.num_prompts
         rollout = sampled[0]
         # DAPO: dynamic sampling. A group whose rewards are all equal has zero advantage and no
         # gradient: drop it and top the batch up with fresh prompts, at most max_resample_rounds times.
         if args.dynamic_sampling:
             rollout = rollout[groups_with_signal(rollout.rewards, G)]
-            # every rank draws a round while any rank is short, so data_position stays the same on all
-            while all_reduce(int(len(rollout) < batch_size), "max") and len(sampled) <= args.max_resample_rounds:
+            while any_rank(len(rollout) < rank_rows) and len(sampled) <= args.max_resample_rounds:
                 with timed(times, "gen"):
-                    sampled.append(generate_and_score(
-                        engine, tokenizer, task, data_position + world.rank * sample["num_prompts"], **sample))
+                    sampled.append(sample_prompts(data_position))
                 data_position += args.num_prompts
                 fresh = sampled[-1][groups_with_signal(sampled[-1].rewards, G)]
                 rollout = Rollout.cat([rollout, fresh], tokenizer.pad_token_id)
-            # exactly num_prompts groups, or fewer if the rounds ran out: as many on every rank (the fewest)
-            rollout = rollout[:all_reduce(min(len(rollout), batch_size), "min")]
+            rollout = rollout[:fewest_over_ranks(min(len(rollout), rank_rows))]  # as many groups on every rank
         everything = Rollout.cat(sampled, tokenizer.pad_token_id)  # all that was sampled, for the log
         if len(rollout) == 0:  # no group had signal: nothing to learn from this step
             logger.log(step + 1, {**reward_metrics(everything, G), "loss": None, "skipped": 1,
@@ -539,9 +487,9 @@ def main(args: Args):
             continue
 
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
-        rewards = all_gather(rollout.rewards)  # (N * B,): every rank's, so --scale-rewards batch takes the global std
-        advantages = compute_advantages(rewards.view(-1, G), args.scale_rewards, args.adv_eps).view(-1)
-        advantages = advantages.chunk(world.size)[world.rank]  # (B,) this rank's rows
+        rewards = rollout.rewards.view(-1, G)  # (B / G, G)
+        batch_std = all_gather(rollout.rewards).std() if args.scale_rewards == "batch" else None  # over every rank
+        advantages = compute_advantages(rewards, args.scale_rewards, args.std_eps, batch_std).view(-1)  # (B,)
         mask = rollout.completion_mask.float()  # (B, C)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
@@ -549,55 +497,42 @@ def main(args: Args):
         # ---- 4. Score: logprobs of the rollout-time policy and of the reference (no grad) -------
         with timed(times, "score"):  # (B, C) each, or None when not needed
             logp_old, entropy_old = (None, None) if not need_old_pass else score_rollout(
-                model, rollout, micro_size, temperature=args.temperature, with_entropy=True, group_size=shared)
+                model, rollout, micro_size, temperature=args.temperature, with_entropy=True, group_size=prefix_group)
             logp_ref = score_rollout(ref_model, rollout, micro_size, temperature=args.temperature,
-                                     group_size=shared)[0] if ref_model is not None else None
+                                     group_size=prefix_group)[0] if ref_model is not None else None
 
         # ---- 5. Update: num_epochs passes, each num_minibatches optimizer steps of whole groups -
         stats = StepStats()
         selection_rng = torch.Generator().manual_seed(args.seed * 100_003 + step)  # Clip-Cov's draw: same on all ranks
         with timed(times, "train"):
-            num_groups = len(rollout) // G
-            for epoch in range(args.num_epochs):
-                for groups in torch.randperm(num_groups).chunk(args.num_minibatches):
-                    minibatch_rows = (groups[:, None] * G + torch.arange(G)).flatten()  # (mb,)
-                    # the normalisers of the whole minibatch, over all ranks (not this rank's share)
-                    num_seqs = len(minibatch_rows) * world.size
-                    num_tokens = int(all_reduce(mask[minibatch_rows].sum()).clamp(min=1))
-                    # Clip-Cov / KL-Cov / forking tokens: tokens ranked over the minibatch (all kept when off)
-                    keep, kl_cov_tokens = select_tokens(args, minibatch_rows, advantages, logp_old, entropy_old, mask,
-                                                        selection_rng)
-                    loss_sum, micro_batches = 0.0, minibatch_rows.split(micro_size)
-                    for i, micro_rows in enumerate(micro_batches):
-                        # DDP / FSDP2 average the ranks' gradients in the last micro-batch's backward only
-                        grad_sync(train_model, last=i == len(micro_batches) - 1)
-                        micro, m = rollout[micro_rows], mask[micro_rows]  # m: (b, C)
-                        logp, entropy = rollout_logprobs(train_model, micro, temperature=args.temperature,
-                                                         with_entropy=True, group_size=shared)  # (b, C) each
-                        old = logp.detach() if logp_old is None else logp_old[micro_rows]
-                        token_loss, clipped_low, clipped_high = policy_token_loss(
-                            logp, old, advantages[micro_rows].unsqueeze(-1), m, args, kl_cov_tokens[micro_rows])
-                        # TIS / IcePop / sequence masking: reweight tokens by trainer-vs-sampler ratios
-                        weights = keep[micro_rows] * mismatch_weights(old, micro.sampler_logprobs, m, args)
-                        token_loss = token_loss * weights
-                        kl = kl_penalty(logp, logp_ref[micro_rows], args.kl_estimator) if args.beta > 0 else None
-                        if args.beta > 0:  # GRPO puts the KL to the reference in the loss, per token
-                            token_loss = token_loss + args.beta * kl
-                        if args.ent_coef > 0:
-                            token_loss = token_loss - args.ent_coef * entropy
-                        loss = aggregate_loss(token_loss, m, args.loss_agg, num_seqs, num_tokens, max_new_tokens)
-                        (loss * world.size).backward()  # the ranks' gradients are averaged: x N makes them a sum
-                        loss_sum += loss.item()
-                        gap = (old - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
-                        stats.tokens(m, entropy=entropy, kl=kl, clip_frac_low=clipped_low, clip_frac_high=clipped_high,
-                                     mismatch_mean_abs=gap.abs(), frac_tokens_kept=weights > 0)
-                        stats.maxes(mismatch_max_ratio=torch.exp(gap).max())
-                    grad_norm = clip_grad_norm(train_model, args.max_grad_norm)
-                    loss_sum = all_reduce(loss_sum)  # the minibatch's loss: the sum of the ranks' shares
-                    stop_if_not_finite(step + 1, run_dir, loss=loss_sum, grad_norm=grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    stats.values(loss=loss_sum, grad_norm=grad_norm)
+            for minibatch in minibatches(policy, mask, G, args.num_epochs, args.num_minibatches, micro_size):
+                # Clip-Cov / KL-Cov / forking tokens: tokens ranked over the minibatch (all kept when off)
+                keep, kl_cov_tokens = select_tokens(args, minibatch.rows, advantages, logp_old, entropy_old, mask,
+                                                    selection_rng)
+                for micro_rows in minibatch:
+                    micro, m = rollout[micro_rows], mask[micro_rows]  # m: (b, C)
+                    logp, entropy = rollout_logprobs(policy, micro, temperature=args.temperature, with_entropy=True,
+                                                     group_size=prefix_group)  # (b, C) each
+                    logp_old_mb = logp.detach() if logp_old is None else logp_old[micro_rows]
+                    token_loss, clipped_low, clipped_high = policy_token_loss(
+                        logp, logp_old_mb, advantages[micro_rows].unsqueeze(-1), m, args, kl_cov_tokens[micro_rows])
+                    # TIS / IcePop / sequence masking: reweight tokens by trainer-vs-sampler ratios
+                    weights = keep[micro_rows] * mismatch_weights(logp_old_mb, micro.sampler_logprobs, m, args)
+                    token_loss = token_loss * weights
+                    kl = kl_penalty(logp, logp_ref[micro_rows], args.kl_estimator) if args.beta > 0 else None
+                    if args.beta > 0:  # GRPO puts the KL to the reference in the loss, per token
+                        token_loss = token_loss + args.beta * kl
+                    if args.ent_coef > 0:
+                        token_loss = token_loss - args.ent_coef * entropy
+                    loss = aggregate_loss(token_loss, m, args.loss_agg, minibatch.num_seqs, minibatch.num_tokens,
+                                          max_new_tokens)
+                    minibatch.backward(loss)
+                    gap = (logp_old_mb - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
+                    stats.tokens(m, entropy=entropy, kl=kl, clip_frac_low=clipped_low, clip_frac_high=clipped_high,
+                                 mismatch_mean_abs=gap.abs(), frac_tokens_kept=weights > 0)
+                    stats.maxes(mismatch_max_ratio=torch.exp(gap).max())
+                loss, grad_norm = minibatch.step(optimizer, args.max_grad_norm, step + 1, run_dir)
+                stats.values(loss=loss, grad_norm=grad_norm)
 
         # ---- 6. Sync: copy the updated weights into the sampler (a no-op for HF generate) ---------
         if step + 1 - last_sync >= args.sync_every:
@@ -606,17 +541,11 @@ def main(args: Args):
             last_sync = step + 1
 
         # ---- 7. Log -----------------------------------------------------------------------------
-        train_tokens = int(rollout.prompt_mask.sum() + rollout.completion_mask.sum()) * args.num_epochs
-        metrics = {
-            **reward_metrics(everything, G), **stats.summary(),
-            "frac_zero_std_groups_trained": 1 - len(groups_with_signal(rollout.rewards, G)) / len(rollout),
-            "completion_length": rollout.completion_lengths.float().mean().item(),
-            "frac_truncated": 1 - rollout.is_eos.float().mean().item(),
-            "learning_rate": args.learning_rate, "resample_rounds": len(sampled) - 1, "rollout_staleness": staleness,
-            "gen_tokens_per_s": int(everything.completion_mask.sum()) / times["gen"],
-            "train_tokens_per_s": train_tokens / times["train"],
-            **{f"{k}_time": v for k, v in times.items()}, "step_time": time.perf_counter() - step_start,
-        }
+        metrics = {**reward_metrics(everything, G), **stats.summary(),
+                   **rollout_metrics(rollout, everything, times, args.num_epochs),
+                   "frac_zero_std_groups_trained": 1 - len(groups_with_signal(rollout.rewards, G)) / len(rollout),
+                   "learning_rate": args.learning_rate, "resample_rounds": len(sampled) - 1,
+                   "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
         if args.eval_every and (step + 1) % args.eval_every == 0:
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
@@ -627,15 +556,7 @@ def main(args: Args):
 
     # ---- Finish: checkpoint, final model, held-out evaluation ----------------------------------
     save_checkpoint(run_dir, model, tokenizer, optimizer, None, args.total_steps, {"data_position": data_position})
-    save_final_model(run_dir, model, tokenizer)
-    engine.sync_weights(model)  # the final evaluation samples with the engine
-    result = evaluate(model, tokenizer, task, args.num_eval_prompts, args.num_eval_samples, max_new_tokens,
-                      engine=engine, eos_ids=eos_ids)
-    logger.log(args.total_steps, result)
-    logger.close()
-    print_eval(result, run_dir)
-    distributed.cleanup()
-    return result
+    return finish_run(run_dir, model, tokenizer, task, engine, eos_ids, args, max_new_tokens, logger)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,19 @@ def setup_distributed(device: str) -> World:
     return World(rank, size, device, launched=True)
 
 
+def start_run(args, script: str) -> tuple[World, str, torch.dtype]:
+    """Every script's first lines: check the shared flags (common/cli.py's RunArgs), join torchrun's
+    process group (or be the one process), and name the run folder: runs/<run_name>, the script's
+    name when --run-name is empty. Returns (world, run_dir, the training dtype)."""
+    from common.cli import validate_run
+    from common.models import pick_dtype
+
+    validate_run(args)
+    args.run_name = args.run_name or script
+    world = setup_distributed(args.device)
+    return world, os.path.join("runs", args.run_name), pick_dtype(args.dtype, world.device)
+
+
 def cleanup():
     """Wait for every rank at the end of a torchrun run (a no-op under plain python). The process
     group itself is destroyed at exit (`_destroy_at_exit`), once the script's DDP wrappers are gone."""
@@ -119,6 +132,27 @@ def all_gather(x: torch.Tensor, pad_value=0) -> torch.Tensor:
     parts = [torch.empty_like(x, device=_comm_device()) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous().to(_comm_device()))
     return torch.cat(parts).to(x.device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if the flag is true on any rank (so every rank takes the same branch)."""
+    return bool(all_reduce(int(flag), "max"))
+
+
+def fewest_over_ranks(count: int) -> int:
+    """The smallest count over the ranks (so every rank keeps as many rows)."""
+    return int(all_reduce(count, "min"))
+
+
+def gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """all_gather of each tensor: every rank's rows, in rank order, ragged widths padded with 0."""
+    return tuple(all_gather(t) for t in tensors)
+
+
+def own_rows(gathered: torch.Tensor, num_rows: int, width: int) -> torch.Tensor:
+    """This rank's rows of a gather_rows result, cut back to its own width: (N * b, W) -> (b, width)."""
+    start = rank() * num_rows
+    return gathered[start:start + num_rows, :width]
 
 
 def all_gather_object(obj) -> list:

@@ -31,16 +31,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over valid positions; `shift_mean=False` adds the mean back (as TRL does).
-
-    The mean and the (unbiased) variance are the whole batch's: under torchrun the sums are
-    all-reduced over ranks, so PPO's and REINFORCE++'s whitening never uses one rank's statistics."""
+def batch_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of x over the valid positions of the *whole* batch: under torchrun
+    the sums are all-reduced over ranks, so a whitening never uses one rank's statistics."""
     n = all_reduce(mask.sum())
     mean = all_reduce(masked_sum(x, mask)) / n.clamp(min=1)
     var = all_reduce(masked_sum((x - mean) ** 2, mask)) / (n - 1).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    return whitened if shift_mean else whitened + mean
+    return mean, var
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ Every RL script talks to an *engine* with two methods, whatever the backend:
 so the scripts never branch on the backend.
 
 `generate_and_score` is one rollout round of every RL script: sample, then score each
-completion with the task's verifier (plus the format and overlong terms), and return one
-`Rollout` that carries its rewards. A `Rollout` slices by rows (`rollout[rows]`), has a
-length, and concatenates (`Rollout.cat`), so variants such as DAPO's dynamic sampling are
-a few visible lines in the script.
+completion with the task's verifier (plus the format term), and return one
+`Rollout` (common/rollout_data.py) that carries its rewards. A `Rollout` slices by rows
+(`rollout[rows]`), has a length, and concatenates (`Rollout.cat`), so variants such as
+DAPO's dynamic sampling are a few visible lines in the script.
 
 The sampler's own per-token logprobs are returned too (`sampler_logprobs`): with vLLM they
 differ from the trainer's even at identical weights (different kernels), and TIS/IcePop and
@@ -19,84 +19,13 @@ the mismatch metrics need them. With HF they come from the same model and match 
 trainer's up to numerics.
 """
 
-from dataclasses import dataclass, field, fields
-
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from common import distributed
-from common.rewards import overlong_penalty, score_rows
+from common.rewards import score_rows
+from common.rollout_data import Rollout, completion_mask_from_ids
 from common.tasks import format_prompt, rows_at
-
-
-@dataclass
-class Rollout:
-    """One batch of B = num_prompts * n completions, row i from prompt `prompt_index[i]`.
-
-    Rows come in groups: rows i*n .. i*n+n-1 are the n samples of one prompt, and every
-    slice the scripts take keeps whole groups.
-    """
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded
-    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
-    completion_ids: torch.Tensor  # (B, C) right-padded with pad_token_id
-    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including EOS
-    sampler_logprobs: torch.Tensor  # (B, C) log-prob of each token under the sampler (T applied)
-    is_eos: torch.Tensor  # (B,) bool: the completion ended with EOS (False = truncated)
-    prompt_index: torch.Tensor  # (B,) long: which prompt of the batch the row answers
-    completions: list[str]  # decoded completion texts, special tokens removed
-    # filled in by generate_and_score:
-    rewards: torch.Tensor | None = None  # (B,) total reward R_i
-    reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each term of R_i, (B,) each
-    reasons: list[str] = field(default_factory=list)  # why correctness was what it was (common/rewards.py)
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)  # (B,)
-
-    def __getitem__(self, rows) -> "Rollout":
-        """The sub-batch of some rows: a slice, a list or a LongTensor of row indices."""
-        index = list(range(len(self)))[rows] if isinstance(rows, slice) else torch.as_tensor(rows).tolist()
-        tensor_rows = torch.tensor(index, dtype=torch.long, device=self.completion_ids.device)
-        return Rollout(
-            **{f.name: getattr(self, f.name)[tensor_rows] for f in fields(self) if f.name in _ROW_TENSORS},
-            completions=[self.completions[i] for i in index],
-            rewards=None if self.rewards is None else self.rewards[tensor_rows],
-            reward_terms={k: v[tensor_rows] for k, v in self.reward_terms.items()},
-            reasons=[self.reasons[i] for i in index] if self.reasons else [],
-        )
-
-    @staticmethod
-    def cat(rollouts: list["Rollout"], pad_token_id: int) -> "Rollout":
-        """Stack rollouts into one: prompts re-padded on the left, completions on the right,
-        prompt_index offset so that groups stay distinct."""
-        P = max(r.prompt_ids.shape[1] for r in rollouts)
-        C = max(r.completion_ids.shape[1] for r in rollouts)
-        offsets, total = [], 0
-        for r in rollouts:
-            offsets.append(total)
-            total += int(r.prompt_index.max()) + 1 if len(r) else 0
-        scored = all(r.rewards is not None for r in rollouts)
-        return Rollout(
-            prompt_ids=torch.cat([_pad_to(r.prompt_ids, P, pad_token_id, True) for r in rollouts]),
-            prompt_mask=torch.cat([_pad_to(r.prompt_mask, P, 0, True) for r in rollouts]),
-            completion_ids=torch.cat([_pad_to(r.completion_ids, C, pad_token_id, False) for r in rollouts]),
-            completion_mask=torch.cat([_pad_to(r.completion_mask, C, 0, False) for r in rollouts]),
-            sampler_logprobs=torch.cat([_pad_to(r.sampler_logprobs, C, 0.0, False) for r in rollouts]),
-            is_eos=torch.cat([r.is_eos for r in rollouts]),
-            prompt_index=torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets)]),
-            completions=[c for r in rollouts for c in r.completions],
-            rewards=torch.cat([r.rewards for r in rollouts]) if scored else None,
-            reward_terms={k: torch.cat([r.reward_terms[k] for r in rollouts]) for k in rollouts[0].reward_terms},
-            reasons=[x for r in rollouts for x in r.reasons],
-        )
-
-
-_ROW_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "sampler_logprobs", "is_eos",
-                "prompt_index")
 
 
 class _RecordSampledLogprobs(LogitsProcessor):
@@ -122,17 +51,6 @@ class _RecordSampledLogprobs(LogitsProcessor):
         self.collect(input_ids)
         self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 up to and including the first EOS (or everywhere if none): (B, C) mask, (B,) is_eos."""
-    is_eos_token = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (B, C)
-    is_eos = is_eos_token.any(-1)  # (B,)
-    # index of the first EOS, or C if there is none
-    first_eos = torch.where(is_eos, is_eos_token.int().argmax(-1), completion_ids.shape[1])  # (B,)
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)  # (C,)
-    mask = (positions[None, :] <= first_eos[:, None]).long()  # (B, C)
-    return mask, is_eos
 
 
 @torch.no_grad()
@@ -208,14 +126,15 @@ class HFEngine:
         pass
 
 
-def build_engine(rollout: str, model, tokenizer, eos_ids: list[int], task=None, max_new_tokens: int = 0,
-                 **vllm_kwargs):
-    """`--rollout hf` -> HFEngine; `--rollout vllm` -> a colocated VLLMEngine built with vllm_kwargs.
+def build_engine(args, model, tokenizer, eos_ids: list[int], task, max_new_tokens: int, dtype, device,
+                 max_num_seqs: int):
+    """`--rollout hf` -> HFEngine; `--rollout vllm` -> a colocated VLLMEngine of args.model (args: the
+    script's RLRunArgs: --rollout, --vllm-dtype, --vllm-gpu-memory-utilization, --seed).
 
     vLLM is imported only when asked for, so the HF path never needs it. Its context length is
     the task's longest prompt (train and test) plus the completion budget.
     """
-    if rollout == "hf":
+    if args.rollout == "hf":
         return HFEngine(model, tokenizer, eos_ids)
     from common.vllm_engine import VLLMEngine
 
@@ -223,7 +142,9 @@ def build_engine(rollout: str, model, tokenizer, eos_ids: list[int], task=None, 
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in questions]
     longest_prompt = max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))  # one batched call
     return VLLMEngine(max_model_len=longest_prompt + max_new_tokens, eos_ids=eos_ids,
-                      pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, **vllm_kwargs)
+                      pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, model_path=args.model, dtype=dtype,
+                      vllm_dtype=args.vllm_dtype, max_num_seqs=max_num_seqs,
+                      gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed, device=device)
 
 
 def generate(engine, model, tokenizer, prompts, n=1, temperature=1.0, max_new_tokens=16, top_p=1.0, eos_ids=None):
@@ -233,39 +154,26 @@ def generate(engine, model, tokenizer, prompts, n=1, temperature=1.0, max_new_to
     return engine.generate(prompts, n, temperature, max_new_tokens, top_p)
 
 
-def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int, seed: int, n: int,
-                       temperature: float, max_new_tokens: int, top_p: float = 1.0, format_weight: float = 0.0,
-                       overlong_cache_len: int = 0) -> Rollout:
+def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int, seed: int, group_size: int,
+                       temperature: float, max_new_tokens: int, top_p: float = 1.0,
+                       format_weight: float = 0.0) -> Rollout:
     """One rollout round: prompts `position .. position + num_prompts - 1` of the task's shuffled
-    prompt stream, n completions each, every completion scored.
+    prompt stream, group_size completions each, every completion scored.
 
-    R_i = correct + format_weight * format (+ DAPO's overlong penalty when overlong_cache_len > 0).
-    The stream is a pure function of (seed, position), so a resumed run sees the same prompts.
+    R_i = correct + format_weight * format. The stream is a pure function of (seed, position), so a
+    resumed run sees the same prompts.
     """
     rows = task.prompts[rows_at(len(task.prompts), position, num_prompts, seed)]
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
-    rollout = engine.generate(prompts, n, temperature, max_new_tokens, top_p)
+    rollout = engine.generate(prompts, group_size, temperature, max_new_tokens, top_p)
     answers = [rows["answer"][i] for i in rollout.prompt_index.tolist()]
     rewards, terms, reasons = score_rows(task.verifier, rollout.completions, answers, rollout.is_eos.tolist(),
                                          format_weight)
     device = rollout.completion_ids.device
     rollout.reward_terms = {k: torch.tensor(v, device=device) for k, v in terms.items()}  # (B,) each
     rollout.rewards = torch.tensor(rewards, device=device)  # (B,)
-    if overlong_cache_len > 0:  # DAPO: soft penalty over the last overlong_cache_len tokens of the budget
-        lengths = rollout.completion_lengths.tolist()
-        overlong = [overlong_penalty(length, max_new_tokens, overlong_cache_len) for length in lengths]
-        rollout.reward_terms["overlong"] = torch.tensor(overlong, device=device)
-        rollout.rewards = rollout.rewards + rollout.reward_terms["overlong"]
     rollout.reasons = reasons
     return rollout
-
-
-def groups_with_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
-    """Row indices of the groups whose rewards are not all equal: the only ones a group-relative
-    advantage gives a gradient (DAPO's dynamic sampling keeps these). rewards (B,) -> (rows,).
-    A "group" of one has no spread: with G = 1 no row counts (callers log null, not a fraction)."""
-    has_signal = rewards.view(-1, G).std(dim=1, correction=0) > 0  # (num_groups,); population std: no NaN at G = 1
-    return has_signal.repeat_interleave(G).nonzero().squeeze(-1)
 
 
 def reward_metrics(rollout: Rollout, G: int) -> dict:
@@ -276,27 +184,26 @@ def reward_metrics(rollout: Rollout, G: int) -> dict:
         "reward": rollout.rewards.mean().item(),
         **{f"reward/{k}": v.float().mean().item() for k, v in rollout.reward_terms.items()},
         "sampled_accuracy": rollout.reward_terms["correct"].float().mean().item(),  # eval's `accuracy` is greedy
-        "frac_zero_std_groups": 1 - len(groups_with_signal(rollout.rewards, G)) / n if G > 1 else None,
+        # groups whose rewards are all equal: their group-relative advantage is 0 (null for G = 1: no groups)
+        "frac_zero_std_groups": (rollout.rewards.view(-1, G).std(dim=1, correction=0) == 0).float().mean().item()
+        if G > 1 else None,
         **{f"reasons/{k}": rollout.reasons.count(k) / n for k in sorted(set(rollout.reasons))},
     }
 
 
-def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
-    pad = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
-
-
 def demonstration_rollout(tokenizer, task, position: int, num_prompts: int, seed: int, column: str, eos_id: int,
-                          max_new_tokens: int, device) -> Rollout:
+                          max_new_tokens: int, device, split: str = "prompts") -> Rollout:
     """The demonstrations in `column` ("expert" or "demonstration") of the prompts `generate_and_score`
     samples at `position`, one row per prompt in the same order, as a Rollout scored by the verifier.
 
     What an SFT+RL mixing script trains on beside the policy's own samples. Completions longer than
     max_new_tokens are cut (and then lose their EOS); sampler_logprobs are 0 (nobody sampled them).
+    split="train" reads the stream of every demonstration row instead (several per question: sft.py's data).
     """
     from common.tasks import encode_demonstrations
 
-    rows = task.prompts[rows_at(len(task.prompts), position, num_prompts, seed)]
+    data = getattr(task, split)  # task.prompts (one row per question) or task.train
+    rows = data[rows_at(len(data), position, num_prompts, seed)]
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
     prompt_ids, prompt_mask, completion_ids, completion_mask = (t.to(device) for t in encode_demonstrations(
         tokenizer, prompts, rows[column], eos_id, max_new_tokens))

@@ -13,6 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import asdict
 
 from common import distributed
 
@@ -31,8 +32,13 @@ class RunLogger:
     Under torchrun every rank calls `log` with its own metrics; they are averaged over ranks
     (`mean_over_ranks`) and rank 0 alone writes."""
 
-    def __init__(self, run_dir: str, config: dict, tensorboard: bool = True, wandb_project: str | None = None,
-                 resume_step: int | None = None):
+    def __init__(self, run_dir: str, args, script: str, resume_step: int | None = None):
+        """args: the script's Args (written to args.json with the script's name, printed as a table);
+        resume_step: the step a resumed run restarts from (later records are dropped)."""
+        config = {"script": script, **asdict(args)}
+        tensorboard, wandb_project = args.tensorboard, args.wandb_project if args.track else None
+        if distributed.rank() == 0:
+            print_config(config)
         self.writes = distributed.rank() == 0
         self.tb = self.wandb = None
         if not self.writes:
@@ -153,6 +159,17 @@ class StepStats:
     def summary(self) -> dict:
         means = {name: self.sums[name] / self.counts[name] if self.counts[name] else math.nan for name in self.sums}
         return {**means, **self.largest}
+
+
+def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1) -> dict:
+    """Length, truncation, throughput and the step-time split of one step, the same keys in every script:
+    trained = the rows the update used, sampled = every row generated (they differ under resampling)."""
+    train_tokens = int(trained.prompt_mask.sum() + trained.completion_mask.sum()) * num_epochs
+    return {"completion_length": trained.completion_lengths.float().mean().item(),
+            "frac_truncated": 1 - trained.is_eos.float().mean().item(),
+            "gen_tokens_per_s": int(sampled.completion_mask.sum()) / max(times["gen"], 1e-9),
+            "train_tokens_per_s": train_tokens / max(times["train"], 1e-9),
+            **{f"{k}_time": v for k, v in times.items()}}
 
 
 def print_eval(result: dict, run_dir: str):

@@ -5,6 +5,8 @@ sequence alone, unpadded, with a plain forward pass (default positions, no mask)
 logits by T, log-softmax over the whole vocabulary and pick the token.
 """
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -16,11 +18,12 @@ from common.logprobs import (
     masked_mean,
     masked_sum,
     masked_var,
-    masked_whiten,
+    batch_moments,
     position_ids_from_mask,
     selective_log_softmax,
 )
-from common.rollout import completion_mask_from_ids, generate_hf
+from common.rollout import generate_hf
+from common.rollout_data import completion_mask_from_ids
 
 QUESTIONS = ["12+3", "what is 45+67? think", "9"]
 
@@ -223,7 +226,17 @@ def test_masked_sum_and_mean_along_a_dim_match_numpy():
     np.testing.assert_allclose(masked_mean(x, mask, dim=1).numpy(), expected_means, rtol=1e-12, atol=1e-12)
 
 
-def test_masked_whiten_matches_numpy_on_valid_positions():
+def test_batch_moments_match_numpy_on_valid_positions():
+    x, mask = random_masked()
+    selected = x.numpy()[mask.numpy().astype(bool)]
+    mean, var = batch_moments(x, mask)
+    np.testing.assert_allclose(mean.item(), selected.mean(), rtol=1e-10)
+    np.testing.assert_allclose(var.item(), selected.var(ddof=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("script", ["ppo", "reinforce"])
+def test_masked_whiten_matches_numpy_on_valid_positions(script):
+    masked_whiten = importlib.import_module(script).masked_whiten
     x, mask = random_masked()
     m = mask.numpy().astype(bool)
     selected = x.numpy()[m]
