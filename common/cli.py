@@ -1,8 +1,10 @@
-"""Argument checks that fail with one line naming the flag and the fix, never a stack trace."""
+"""The flags every script shares (RunArgs, RLRunArgs) and argument checks that fail with one line
+naming the flag and the fix, never a stack trace."""
 
+import math
 import re
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -29,6 +31,41 @@ def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
     return a // b
 
 
+def rollout_batch_sizes(num_prompts: int, group_size: int, num_minibatches: int, micro_batch_size: int,
+                        world_size: int) -> tuple[int, int]:
+    """The batch arithmetic of every RL script, derived once: each of world_size ranks samples
+    num_prompts / world_size prompts, a rollout batch of rank_rows = that * G rows, cut into
+    num_minibatches optimizer steps of whole groups, each accumulated over micro-batches of
+    micro_size rows. Fails naming the flags when they do not divide. Returns (rank_rows, micro_size)."""
+    rank_rows = exact_div(num_prompts, world_size, "num_prompts", "nproc_per_node") * group_size
+    minibatch_size = exact_div(rank_rows, num_minibatches, "num_prompts", "num_minibatches")
+    check(minibatch_size % group_size == 0, "num_minibatches", "each minibatch must hold whole groups")
+    micro_size = min(micro_batch_size, minibatch_size)
+    exact_div(minibatch_size, micro_size, "num_prompts", "micro_batch_size")
+    return rank_rows, micro_size
+
+
+def check_at_least(args, minimum: float, *names: str):
+    """Each named flag is a finite number >= minimum (counts: 1; budgets and coefficients: 0)."""
+    for name in names:
+        value = getattr(args, name)
+        check(math.isfinite(value) and value >= minimum, name, f"must be >= {minimum}, got {value}")
+
+
+def check_positive(args, *names: str):
+    """Each named flag is a finite number > 0 (learning rates, temperatures, epsilons)."""
+    for name in names:
+        value = getattr(args, name)
+        check(math.isfinite(value) and value > 0, name, f"must be a finite number > 0, got {value}")
+
+
+def check_fraction(args, *names: str):
+    """Each named flag lies in (0, 1]."""
+    for name in names:
+        value = getattr(args, name)
+        check(0 < value <= 1, name, f"must be in (0, 1], got {value}")
+
+
 def check_device(device: str):
     """--device is auto, cpu, cuda or cuda:N (N a GPU index)."""
     check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None, "device",
@@ -49,3 +86,84 @@ def parse_with_presets(args_class, presets: dict, argv=None):
     if preset not in presets:
         arg_error("preset", f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
     return tyro.cli(args_class, args=argv, default=replace(args_class(), preset=preset, **presets[preset]))
+
+
+# ==== The run's plumbing: every script's Args extends these, so its own Args holds its algorithm ====
+
+
+@dataclass
+class RunArgs:
+    """Flags of every script: run folder, seed, hardware, torchrun / FSDP2 / LoRA, evaluation, logging."""
+
+    # ---- run, hardware, scale-out ------------------------------------------------------------
+    run_name: str = ""
+    """outputs go to runs/<run_name>/; empty = the script's name (runs/sft, runs/grpo, ...)"""
+    seed: int = 1
+    """seed for initialisation, data order and sampling (the held-out evaluation prompts never change)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
+    dtype: Dtype = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
+    micro_batch_size: int = 128
+    """rows per forward/backward on each rank; gradients accumulate to the optimizer step (same result)"""
+    fsdp: bool = False
+    """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
+    lora_rank: int = 0
+    """r > 0: train LoRA adapters of rank r on every linear layer, base frozen (pip install -e '.[lora]'); 0 = full"""
+    lora_alpha: float = 32.0
+    """LoRA scale alpha: the adapter adds (alpha / r) B A x"""
+    # ---- evaluation, checkpoints, logging ----------------------------------------------------
+    num_eval_prompts: int = 200
+    """held-out prompts in the final evaluation"""
+    num_eval_samples: int = 8
+    """samples per prompt at T = 1 for pass@k in the final evaluation"""
+    eval_every: int = 25
+    """steps between quick greedy-accuracy checks on 64 held-out prompts (`eval_accuracy`); 0 = never"""
+    save_every: int = 50
+    """steps between resumable checkpoints; 0 = only at the end"""
+    resume: bool = False
+    """continue from runs/<run_name>/checkpoint (same step, data order, optimizer and RNG)"""
+    tensorboard: bool = True
+    """write TensorBoard events to the run folder"""
+    track: bool = False
+    """also log to Weights & Biases (pip install wandb)"""
+    wandb_project: str = "llm-post-training"
+    """wandb project name, with --track"""
+
+
+@dataclass
+class RLRunArgs(RunArgs):
+    """RunArgs plus the rollout engine the RL scripts sample with."""
+
+    # ---- rollout engine ------------------------------------------------------------------------
+    max_new_tokens: int = 0
+    """completion budget; 0 = the task's default"""
+    top_p: float = 1.0
+    """nucleus sampling; < 1 biases the importance ratio (the trainer does not truncate)"""
+    rollout: Literal["hf", "vllm"] = "hf"
+    """rollout backend: HF generate, or a vLLM engine in this process (pip install -e '.[cpu]' or '.[gpu]')"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--rollout vllm on CUDA: share of GPU memory vLLM reserves (weights + KV cache); ignored on CPU"""
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """--rollout vllm: the engine's dtype; auto = bf16 on CUDA, the trainer's --dtype on CPU"""
+    sync_every: int = 1
+    """--rollout vllm: copy the trainer's weights into vLLM every k steps (k > 1: samples up to k-1 steps stale)"""
+
+
+def validate_run(args: RunArgs):
+    """The checks of the shared flags, once for every script."""
+    check_device(args.device)
+    check_at_least(args, 1, "micro_batch_size", "num_eval_prompts", "num_eval_samples")
+    check_at_least(args, 0, "eval_every", "save_every", "lora_rank")
+    check(args.lora_alpha > 0 or not args.lora_rank, "lora_alpha", f"must be > 0, got {args.lora_alpha}")
+    check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
+          "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
+    check(re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", args.run_name or "x") is not None and ".." not in args.run_name,
+          "run_name", f"{args.run_name!r} is not a folder name; use letters, digits, '.', '-', '_' (and '/')")
+    if isinstance(args, RLRunArgs):
+        check_at_least(args, 0, "max_new_tokens")
+        check_fraction(args, "top_p", "vllm_gpu_memory_utilization")
+        if args.top_p < 1:
+            print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")
+        check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
+              "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
