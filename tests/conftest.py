@@ -2,6 +2,10 @@
 
 Both are session-scoped: tests that need to change a model build their own
 (`build_tiny_model` takes ~0.1 s) and never mutate `tiny_model`.
+
+The fast subset for the inner loop of development: `python -m pytest tests -m "not slow"`. A test
+is `slow` when it trains (it uses the `sft_run` fixture, or runs a script end to end), launches
+torchrun or a vLLM engine, or fuzzes the flags; the README's command runs everything.
 """
 
 import os
@@ -49,3 +53,12 @@ def sft_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return str(root / "runs" / "sft"), result
+
+
+SLOW_MODULES = ("test_distributed.py", "test_vllm.py", "test_fuzz_flags.py", "test_lora.py", "test_qwen_offline.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "sft_run" in getattr(item, "fixturenames", ()) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
