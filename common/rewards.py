@@ -154,7 +154,70 @@ def countdown_verifier(completion: str, answer: str) -> tuple[float, str]:
     return (1.0, "correct") if abs(value - target) < 1e-9 else (0.0, "wrong")
 
 
-VERIFIERS = {"number": number_verifier, "math": math_verifier, "countdown": countdown_verifier}
+_STEP = re.compile(r"(\d{1,6})([+\-*])(\d{1,6})=(-?\d{1,12})")
+
+
+def check_countdown_steps(completion: str, answer: str) -> tuple[int, int, str]:
+    """Walk the steps "a+b=c" of a completion against "n1 n2 ...->target".
+
+    Returns (steps that check, steps: the more of taken and needed = len(numbers) - 1, reason). A step
+    checks when both operands are available (given numbers or earlier results, each used once) and the
+    arithmetic is right; its result then becomes available. Correct: every step checks, all numbers are used and
+    the last result is the target.
+    >>> check_countdown_steps("14+9=23 23+17=40 40-2=38", "14 2 9 17->38")
+    (3, 3, 'correct')
+    >>> check_countdown_steps("14+9=23 23+17=41 40-2=38", "14 2 9 17->38")
+    (1, 3, 'wrong')
+    """
+    try:
+        numbers_text, target_text = answer.split("->")
+        pool, target = [int(n) for n in numbers_text.split()], int(target_text)
+    except ValueError:
+        return 0, 1, "malformed"  # a broken reference is not the model's fault, but must not crash
+    needed = max(1, len(pool) - 1)
+    if not isinstance(completion, str) or not completion.strip():
+        return 0, needed, "no_answer"
+    steps = completion.strip().split("\n")[0].split()
+    if len(steps) > 4 * needed or len(completion) > 400:  # judged whole or not at all
+        return 0, needed, "malformed"
+    checked, all_ok = 0, True
+    for step in steps:
+        match = _STEP.fullmatch(step)
+        if match is None:
+            return checked, needed, "malformed"
+        a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        if a in pool and (b in pool and (a != b or pool.count(a) >= 2)) and value == c:
+            pool.remove(a)
+            pool.remove(b)
+            pool.append(c)
+            checked += 1
+        else:
+            all_ok = False
+    right = all_ok and pool == [target] and len(steps) == needed
+    return checked, max(needed, len(steps)), "correct" if right else "wrong"
+
+
+def countdown_steps_verifier(completion: str, answer: str) -> tuple[float, str]:
+    """1 if every step checks, every number is used once and the last result is the target."""
+    _, _, reason = check_countdown_steps(completion, answer)
+    return (1.0, reason) if reason == "correct" else (0.0, reason)
+
+
+def countdown_steps_fraction(completion: str, answer: str) -> float:
+    """Partial credit, like the pass rate of a program's test cases: each step is a test case, and
+    reaching the target with every number is one more. (checks + right) / (steps + 1); 1 only if right.
+    >>> countdown_steps_fraction("14+9=23 23+17=40 40+2=42", "14 2 9 17->38")  # every step checks, 42 != 38
+    0.75
+    """
+    checked, steps, reason = check_countdown_steps(completion, answer)
+    return (checked + (reason == "correct")) / (steps + 1)
+
+
+VERIFIERS = {"number": number_verifier, "math": math_verifier, "countdown": countdown_verifier,
+             "countdown_steps": countdown_steps_verifier}
+PARTIAL_CREDIT = {"countdown_steps": countdown_steps_fraction}
+"""Verifiers that can also grade a completion in part (a task with partial_credit trains on it)."""
 
 
 def format_reward(completion: str, ended_with_eos: bool) -> float:
@@ -176,12 +239,15 @@ def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
 
 
 def score_rows(
-    verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0
+    verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0,
+    partial_credit: bool = False,
 ) -> tuple[list[float], dict[str, list[float]], list[str]]:
-    """Total reward per completion = correctness + format_weight * format.
+    """Total reward per completion = correctness + format_weight * format; with partial_credit the
+    verifier's partial grade (PARTIAL_CREDIT, logged as `partial`) replaces the 0/1 correctness.
 
     Returns (rewards, terms, reasons), one entry per completion: `terms` holds each term, to
-    log separately; `reasons` says why correctness was what it was (one of REASONS).
+    log separately (`correct` is always the 0/1 verdict); `reasons` says why correctness was what
+    it was (one of REASONS).
     """
     verify = VERIFIERS[verifier]
     correct, formatted, reasons = [], [], []
@@ -190,8 +256,12 @@ def score_rows(
         correct.append(score)
         reasons.append(reason)
         formatted.append(format_reward(completion, eos))
-    rewards = [c + format_weight * f for c, f in zip(correct, formatted)]
-    return rewards, {"correct": correct, "format": formatted}, reasons
+    terms = {"correct": correct, "format": formatted}
+    if partial_credit:
+        terms["partial"] = [PARTIAL_CREDIT[verifier](c, a) for c, a in zip(completions, answers)]
+    graded = terms["partial"] if partial_credit else correct
+    rewards = [c + format_weight * f for c, f in zip(graded, formatted)]
+    return rewards, terms, reasons
 
 
 def score_completions(

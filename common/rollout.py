@@ -168,7 +168,7 @@ def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int,
     rollout = engine.generate(prompts, group_size, temperature, max_new_tokens, top_p)
     answers = [rows["answer"][i] for i in rollout.prompt_index.tolist()]
     rewards, terms, reasons = score_rows(task.verifier, rollout.completions, answers, rollout.is_eos.tolist(),
-                                         format_weight)
+                                         format_weight, task.partial_credit)
     device = rollout.completion_ids.device
     rollout.reward_terms = {k: torch.tensor(v, device=device) for k, v in terms.items()}  # (B,) each
     rollout.rewards = torch.tensor(rewards, device=device)  # (B,)

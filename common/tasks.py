@@ -15,7 +15,7 @@ char-level model and a Qwen chat model.
 Registry: `TASKS[name](seed) -> Task`. One flag (`--task NAME`) picks any of them.
 
 The default task, `add_noisy`, is designed so that RL measurably beats SFT on a CPU (the
-seed article's claim: SFT's ceiling is the teacher; RL can go past it):
+survey "rl与sft"'s claim: SFT's ceiling is the teacher; RL can go past it):
 - 2-digit addition, learnable from scratch by a 0.5M-parameter model in minutes;
 - the teacher is *noisy*: each demonstration is off by one (+1 or -1, equally likely) with
   probability 0.4, so it is right only ~60% of the time, and each training prompt has
@@ -57,6 +57,8 @@ class Task:
     """both splits have an `expert` column: a correct demonstration beside the noisy one"""
     slices: tuple[str, ...] = ()
     """the values of the `slice` column both splits have, in report order; () = no slices"""
+    partial_credit: bool = False
+    """train on the verifier's partial credit (common/rewards.py PARTIAL_CREDIT) instead of 0/1 correctness"""
 
     def __post_init__(self):
         """Fail at once (one line) when the optional columns do not match what the task claims."""
@@ -134,7 +136,7 @@ def make_addition_task(
     ("carry" / "no_carry") for the tasks whose teacher fails on carries only.
     `wrong_reference_frac` > 0 corrupts the *reference answer* (what the verifier checks) of
     that fraction of training questions to a + b + 1, an answer the noisy teacher also writes:
-    the seed article's dirty labels. The test split stays clean; `expert` keeps the truth.
+    the dirty labels of the survey "rl与sft". The test split stays clean; `expert` keeps the truth.
     """
     train_pairs, test_pairs = _addition_pairs(seed, num_test)
     corrupt = random.Random(seed + 2)
@@ -246,6 +248,79 @@ def make_countdown_task(
 
 
 # ---------------------------------------------------------------------------------------
+# Countdown written as steps: a reasoning task whose completions have forks and forced tokens
+# ---------------------------------------------------------------------------------------
+
+
+def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product: int = 99) -> list[str]:
+    """One random way to combine all the numbers, as steps "a+b=c": two available numbers at a time
+    (given or earlier results, each used once), an operator among + - *, the result back in the pool.
+    The last result is the target. Subtraction keeps the larger operand first and never makes 0; a
+    product above max_product becomes + or -.
+    >>> countdown_steps_solution(random.Random(3), [8, 19, 18, 5])
+    ['19*5=95', '95-8=87', '87-18=69']
+    """
+    pool, steps = list(numbers), []
+    while len(pool) > 1:
+        x = pool.pop(rng.randrange(len(pool)))
+        y = pool.pop(rng.randrange(len(pool)))
+        op = rng.choice("+-*")
+        if op == "*" and x * y > max_product:
+            op = rng.choice("+-")
+        if op == "-" and x == y:
+            op = "+"
+        if op == "-" and x < y:
+            x, y = y, x
+        z = x + y if op == "+" else x - y if op == "-" else x * y
+        steps.append(f"{x}{op}{y}={z}")
+        pool.append(z)
+    return steps
+
+
+def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: int = 500, size: int = 4,
+                              max_number: int = 15, max_target: int = 99, partial_credit: bool = False,
+                              name: str = "countdown_steps") -> Task:
+    """Countdown written as steps, the reasoning task of the token-level phenomena (docs/phenomena.md).
+
+    "14 2 9 17->38": "14+9=23 23+17=40 40-2=38" is right (each step checks, every number is used
+    once, the last result is the target); "14+9=23 23+2=25 25+17=42" is wrong (42).
+
+    Why it is built this way:
+    - A few tokens decide and the rest follow: which two numbers to combine and with which
+      operator is a fork (many continuations are right), each "=c" is forced by the arithmetic.
+      So entropy sits on few tokens, as in the long chains of thought the article's token-level
+      lessons are about (forking tokens, covariance, which tokens a loss pushes up or down).
+    - The teacher is right but shows one of many paths (a random one), so the SFT model samples
+      several: pass@1 is well below pass@k, and RL has headroom a verifier can reward.
+    - Held out means unseen: train and test share no problem (numbers as a multiset, and the
+      target); the test split is the first num_test problems drawn from Random(seed), so every
+      run, whatever its --seed, is evaluated on the same problems.
+    - `partial_credit` (task countdown_steps_partial): the training reward is the fraction of the
+      steps that check (the article's "pass rate of the test cases" reward); evaluation still
+      counts only fully right completions.
+    """
+    rng = random.Random(seed)
+    seen, splits = set(), []
+    for count in (num_test, num_train):
+        rows = {"question": [], "answer": [], "demonstration": []}
+        while len(rows["question"]) < count:
+            numbers = [rng.randint(1, max_number) for _ in range(size)]
+            steps = countdown_steps_solution(rng, numbers)
+            target = int(steps[-1].split("=")[1])
+            key = (tuple(sorted(numbers)), target)
+            if not 1 <= target <= max_target or key in seen:
+                continue
+            seen.add(key)
+            question = f"{' '.join(map(str, numbers))}->{target}"
+            rows["question"].append(question)
+            rows["answer"].append(question)  # the verifier re-checks every step against numbers and target
+            rows["demonstration"].append(" ".join(steps))
+        splits.append(Dataset.from_dict(rows))
+    test, train = splits
+    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=40, partial_credit=partial_credit)
+
+
+# ---------------------------------------------------------------------------------------
 # GSM8K (needs the hub: a user's GPU machine)
 # ---------------------------------------------------------------------------------------
 
@@ -304,6 +379,9 @@ TASKS: dict[str, Callable[[int], Task]] = {
     ),
     "add": lambda seed: make_addition_task("add", None, seed),
     "countdown": make_countdown_task,
+    "countdown_steps": make_countdown_steps_task,
+    "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
+                                                                      name="countdown_steps_partial"),
     "gsm8k": make_gsm8k_task,
 }
 DEFAULT_TASK = "add_noisy"

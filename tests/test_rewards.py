@@ -9,6 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.rewards import (
+    check_countdown_steps,
+    countdown_steps_fraction,
+    countdown_steps_verifier,
     REASONS,
     VERIFIERS,
     countdown_verifier,
@@ -19,6 +22,7 @@ from common.rewards import (
     overlong_penalty,
     parse_number,
     score_completions,
+    score_rows,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def test_verifiers_never_raise_on_any_text(name, completion, answer):
 
 @pytest.mark.parametrize("name", sorted(VERIFIERS))
 def test_verifiers_take_a_missing_completion(name):
-    answer = "3 4 5->27" if name == "countdown" else "27"
+    answer = "3 4 5->27" if name.startswith("countdown") else "27"
     assert VERIFIERS[name](None, answer) == (0.0, "no_answer")
 
 
@@ -282,7 +286,7 @@ def test_verifiers_take_a_missing_completion(name):
 @FUZZ
 @given(completion=st.text())
 def test_verifiers_never_raise_on_plain_text_with_a_valid_answer(name, completion):
-    answer = "3 4 5->27" if name == "countdown" else "27"
+    answer = "3 4 5->27" if name.startswith("countdown") else "27"
     check_verdict(VERIFIERS[name](completion, answer))
 
 
@@ -344,3 +348,49 @@ def test_countdown_verifier_never_raises_on_arithmetic_lookalikes(case):
 )
 def test_format_reward(completion, eos, expected):
     assert format_reward(completion, eos) == expected
+
+
+# ---- countdown_steps: every step checked, partial credit ---------------------------------------
+
+@pytest.mark.parametrize("completion, expected", [
+    ("14+9=23 23+17=40 40-2=38", "correct"),
+    ("17-2=15 14+9=23 23+15=38", "correct"),       # another path: one of many right answers
+    ("14+9=23 23+17=40 40+2=42", "wrong"),         # every step checks, the target does not
+    ("14+9=23 23+17=41 41-3=38", "wrong"),         # wrong arithmetic, then a number never given
+    ("14+14=28 28+9=37 37+1=38", "wrong"),         # 14 used twice, 17 and 2 never
+    ("14+9=23 23+17=40", "wrong"),                 # 2 unused
+    ("14+9=23 23+17=40 40-2=38 38+0=38", "wrong"),  # a step too many (0 was never given)
+    ("14 + 9 = 23", "malformed"),
+    ("", "no_answer"),
+])
+def test_countdown_steps_verifier_checks_every_step(completion, expected):
+    score, reason = countdown_steps_verifier(completion, "14 2 9 17->38")
+    assert reason == expected and score == float(expected == "correct")
+
+
+def test_countdown_steps_partial_credit_is_the_pass_rate_of_steps_and_target():
+    answer = "14 2 9 17->38"
+    assert countdown_steps_fraction("14+9=23 23+17=40 40-2=38", answer) == 1.0
+    assert countdown_steps_fraction("14+9=23 23+17=40 40+2=42", answer) == 3 / 4  # 3 steps check, target missed
+    assert countdown_steps_fraction("14+9=23 23+17=41 41-2=39", answer) == 1 / 4  # only the first step checks
+    assert countdown_steps_fraction("nonsense", answer) == 0.0
+    # a wrong completion never earns full credit, however many steps check
+    assert countdown_steps_fraction("14+9=23 23+17=40 40-2=38 1+1=2", answer) < 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789+-*= \n/()x", max_size=80), st.text(max_size=20))
+def test_countdown_steps_never_raises(completion, answer):
+    score, reason = countdown_steps_verifier(completion, answer)
+    assert 0 <= score <= 1 and reason in REASONS
+    assert 0 <= countdown_steps_fraction(completion, answer) <= 1
+    checked, steps, _ = check_countdown_steps(completion, answer)
+    assert 0 <= checked <= steps
+
+
+def test_partial_credit_replaces_correctness_in_the_reward_only():
+    completions, answers = ["14+9=23 23+17=40 40+2=42", "14+9=23 23+17=40 40-2=38"], ["14 2 9 17->38"] * 2
+    rewards, terms, _ = score_rows("countdown_steps", completions, answers, [True, True], partial_credit=True)
+    assert rewards == [0.75, 1.0] and terms["correct"] == [0.0, 1.0] and terms["partial"] == [0.75, 1.0]
+    rewards, terms, _ = score_rows("countdown_steps", completions, answers, [True, True])
+    assert rewards == [0.0, 1.0] and "partial" not in terms

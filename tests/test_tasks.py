@@ -178,3 +178,19 @@ def test_evaluate_rejects_ks_beyond_the_samples(two_slice_task, tokenizer):
     task, _ = two_slice_task
     with pytest.raises(ValueError, match="ks"):
         evaluate(None, tokenizer, task, num_samples=8, ks=[16])
+
+
+def test_countdown_steps_task_is_unseen_right_and_long_enough(tokenizer):
+    from common.rewards import countdown_steps_verifier
+
+    task = load_task("countdown_steps")
+    key = lambda q: (tuple(sorted(q.split("->")[0].split())), q.split("->")[1])  # numbers as a multiset, target
+    assert not {key(q) for q in task.test["question"]} & {key(q) for q in task.train["question"]}
+    for row in task.train.select(range(2000)):
+        assert countdown_steps_verifier(row["demonstration"], row["answer"]) == (1.0, "correct")
+    # completions of >= 20 tokens on average (EOS included): room for forks and forced tokens
+    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in task.train["demonstration"][:5000]]
+    assert sum(lengths) / len(lengths) >= 20
+    assert load_task("countdown_steps_partial").partial_credit and not task.partial_credit
+    # the held-out problems do not depend on anything a run's --seed changes
+    assert load_task("countdown_steps").test["question"] == task.test["question"]
