@@ -6,6 +6,7 @@
     python benchmarks/experiments.py forking     # (d) train on the top 20% entropy tokens / all / bottom 80%
     python benchmarks/experiments.py noisy_refs  # (e) 5% / 20% wrong reference answers; flag them
     python benchmarks/experiments.py all
+    python benchmarks/experiments.py figures     # redraw docs/figures/curve_<script>.png from compare.json, no training
 
 `compare` also holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT steps do not.
 Every experiment prints its runs as they go (which run, its progress bar, elapsed and an
@@ -95,6 +96,14 @@ def plot(runs: list[str], labels: list[str], name: str, passk: bool = True, curv
         plot_passk(loaded, os.path.join(FIGURES, f"{name}_passk.png"))
 
 
+def figures():
+    """docs/figures/curve_<script>.png, one per algorithm page, from the saved compare.json (no run folders needed)."""
+    from common.plot import plot_learning_curves
+
+    for path in plot_learning_curves(os.path.join(FIGURES, "compare.json"), FIGURES):
+        print(f"learning curve written to {os.path.relpath(path, REPO)}")
+
+
 def table(rows: list[tuple[str, str]], keys=("accuracy", "pass@1", "pass@8", "pass@64")) -> str:
     lines = ["| run | " + " | ".join("greedy" if k == "accuracy" else k for k in keys) + " |",
              "|---|" + "---:|" * len(keys)]
@@ -174,8 +183,11 @@ def compare(fresh: bool) -> bool:
     for label, run in zip(rl_labels, rl_runs):
         e = eval_record(run)
         check(f"{label} goes past the teacher", e["pass@1"] > teacher + 0.1, f"pass@1 {e['pass@1']:.3f}")
+    keep = ("step", "sampled_accuracy", "reward", "eval_accuracy", "loss")  # each run's curve, for the algorithm pages
     save("compare", {"teacher_accuracy": teacher, "runs": {run: eval_record(run) for _, run in rows},
+                     "curves": {run: [{k: r[k] for k in keep if k in r} for r in steps(run)] for _, run in rows},
                      "checks": check.results})
+    figures()  # each algorithm page's curve, from the json just saved
     return check.ok
 
 
@@ -363,9 +375,12 @@ EXPERIMENTS = {"compare": compare, "entropy": entropy, "passk": passk, "forking"
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all", "figures"])
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs too")
     args = parser.parse_args()
+    if args.experiment == "figures":  # redraw from the saved numbers; checks nothing
+        figures()
+        return
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     ok = True
     for name in names:

@@ -16,16 +16,22 @@ Two figures (PNG, matplotlib's non-interactive Agg backend, so it works over ssh
   means extra samples find nothing new; a curve that keeps rising means the model can still
   reach answers it rarely samples. Runs without an eval record are skipped with a note.
 
+One more figure per script, drawn from the numbers `python benchmarks/experiments.py compare` saves
+(docs/figures/compare.json) rather than from run folders: `plot_learning_curves` writes
+curve_<script>.png (`python benchmarks/experiments.py figures` redraws them without training).
+
 matplotlib is an optional extra (`pip install -e '.[plot]'`); the reading helpers
 (`load_runs`, `series`, `passk_points`) need only the standard library.
 """
 
 import argparse
+import json
 import math
 import os
 import re
 import sys
 import textwrap
+from typing import NamedTuple
 
 from common.tracking import read_metrics
 
@@ -191,6 +197,146 @@ def plot_passk(runs: dict, out: str) -> bool:
         fig.savefig(out)
         plt.close(fig)
     return True
+
+
+# ---- one script's learning curve, from docs/figures/compare.json --------------------------------------------
+
+# The scripts `python benchmarks/experiments.py compare` runs: script stem -> its label there. Its runs are
+# runs/cmp_<stem>; every RL run starts from runs/cmp_sft, and runs/cmp_sft_more is 200 more SFT steps from it.
+SCRIPTS = {"sft": "SFT", "grpo": "GRPO", "reinforce": "REINFORCE (RLOO)", "ppo": "PPO",
+           "sft_rl_mixed": "SFT+RL (weighted)"}
+SFT_RUN, SFT_MORE_RUN = "runs/cmp_sft", "runs/cmp_sft_more"
+SCRIPT_COLORS = {"sft": "C4", "grpo": "C0", "reinforce": "C1", "ppo": "C2", "sft_rl_mixed": "C3"}  # as in compare.png
+START_COLOR = "0.45"  # the SFT model at step 1200, grey in every curve_<script>.png
+# Per-step keys drawn when compare.json holds a run's step records under "curves" (today's json does not).
+STEP_KEYS = [("sampled_accuracy", "sampled pass@1 of the rollouts (trailing mean of 5 steps)"),
+             ("eval_accuracy", "greedy accuracy, quick check on 64 prompts")]
+
+
+class CurvePoint(NamedTuple):
+    """One evaluated point of a learning curve: where it sits, what it is, and its eval record."""
+
+    x: int  # optimizer steps from where the script starts
+    label: str
+    run: str  # the run folder, the key of compare.json's "runs"
+    record: dict  # its eval record: step, accuracy (greedy), pass@1, ..., pass@64
+
+
+def learning_curve_points(compare: dict, script: str) -> list[CurvePoint]:
+    """The evaluated points of one script's curve in compare.json, ordered by x.
+
+    x counts optimizer steps from where the script starts: an RL run from the SFT model (x = 0), sft.py
+    from the base model, whose own eval is not recorded (x = 1200, then 1400 after 200 more steps).
+
+    >>> c = {"runs": {"runs/cmp_sft": {"step": 1200, "pass@1": 0.6}, "runs/cmp_sft_more": {"step": 200, "pass@1": 0.6},
+    ...               "runs/cmp_grpo": {"step": 200, "pass@1": 0.95}}}
+    >>> [(p.x, p.label) for p in learning_curve_points(c, "grpo")]
+    [(0, 'SFT start'), (200, 'GRPO, 200 steps')]
+    >>> [(p.x, p.label, p.run) for p in learning_curve_points(c, "sft")]
+    [(1200, 'SFT, 1200 steps', 'runs/cmp_sft'), (1400, 'SFT, 200 more steps', 'runs/cmp_sft_more')]
+    """
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; one of {list(SCRIPTS)}")
+    run = SFT_MORE_RUN if script == "sft" else f"runs/cmp_{script}"
+    for needed in (SFT_RUN, run):
+        if needed not in compare["runs"]:
+            raise ValueError(f"compare.json has no eval record for {needed}: run `python benchmarks/experiments.py "
+                             "compare`")
+    start, end = compare["runs"][SFT_RUN], compare["runs"][run]
+    if script == "sft":
+        return [CurvePoint(start["step"], f"SFT, {start['step']} steps", SFT_RUN, start),
+                CurvePoint(start["step"] + end["step"], f"SFT, {end['step']} more steps", run, end)]
+    return [CurvePoint(0, "SFT start", SFT_RUN, start),
+            CurvePoint(end["step"], f"{SCRIPTS[script]}, {end['step']} steps", run, end)]
+
+
+def plot_learning_curve(compare: dict, script: str, out: str):
+    """curve_<script>.png: held-out pass@1 (and greedy accuracy) against steps, next to the pass@k curves.
+
+    Left: the evaluated points (grey: the SFT model every RL run starts from), joined by a dashed line
+    because nothing between them was evaluated, and the teacher's accuracy. If compare.json holds the
+    run's step records under "curves" ({run: [{"step": 1, "sampled_accuracy": ...}, ...]}), the STEP_KEYS
+    are drawn over it. Right: pass@k of the same eval records, k on a log2 axis.
+    """
+    points = learning_curve_points(compare, script)
+    colors = [START_COLOR, SCRIPT_COLORS[script]]
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        fig, (ax, ax_k) = plt.subplots(1, 2, figsize=(12, 5.6), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+        xs = [p.x for p in points]
+        for p, color in zip(points, colors):
+            ax.plot([p.x], [p.record["pass@1"]], "o", color=color, markersize=9,
+                    label=f"pass@1: {p.label} ({p.run})", zorder=3)
+            if "accuracy" in p.record:
+                ax.plot([p.x], [p.record["accuracy"]], "D", color=color, markersize=7, markerfacecolor="white",
+                        markeredgewidth=1.5, zorder=3)
+            ax.annotate(f"{p.record['pass@1']:.3f}", (p.x, p.record["pass@1"]), textcoords="offset points",
+                        xytext=(0, -18), ha="center", fontsize=10)
+        drawn, lowest = set(), min(p.record["pass@1"] for p in points) - 0.08  # room for the value labels
+        for p, color in zip(points, colors):
+            steps = compare.get("curves", {}).get(p.run, [])
+            start = p.x - p.record["step"]  # the run's own step 0 on this axis
+            if start < 0:  # the SFT start on an RL page: its training happened before this axis begins
+                continue
+            for (key, key_label), style in zip(STEP_KEYS, ("-", ":")):
+                sx, sy = series(steps, key, smooth=5 if key == "sampled_accuracy" else 1)
+                if sx:
+                    ax.plot([start + s for s in sx], sy, color=color, linewidth=1.2, alpha=0.8, linestyle=style,
+                            label=None if key in drawn else key_label, zorder=2)
+                    drawn.add(key)
+                    lowest = min(lowest, min(sy) - 0.02)
+        ax.plot([], [], "D", color="0.3", markerfacecolor="white", label="greedy accuracy (same colour = same run)")
+        ax.plot(xs, [p.record["pass@1"] for p in points], color="0.6", linestyle="--", linewidth=1, zorder=1,
+                label="joins the points: nothing evaluated in between")
+        teacher = compare.get("teacher_accuracy")
+        if teacher is not None:
+            ax.axhline(teacher, color="black", linestyle=":", linewidth=1.2,
+                       label=f"teacher's demonstrations right: {teacher:.3f}")
+        ax.set_xlim(-0.08 * max(xs), 1.1 * max(xs))
+        ax.set_ylim(min(0.5, lowest), 1.03)
+        ax.set_xlabel("optimizer steps" + (" from the SFT model" if script != "sft" else " from the base model"))
+        last = points[-1].record
+        ax.set_ylabel("held-out accuracy" + (f" ({last['num_prompts']} prompts)" if "num_prompts" in last else ""))
+        ax.set_title(f"{SCRIPTS[script]}: held-out pass@1"
+                     + (f" ({last['num_samples']} samples, T = 1)" if "num_samples" in last else ""))
+        # Below both panels, where it cannot cover a point (SFT's sit on the teacher's line).
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 0.07), ncol=3,
+                   fontsize=9, frameon=False)
+        if not drawn:
+            ax.text(0.45, 0.97, "compare.json holds no per-step records:\nonly the evaluated points are drawn",
+                    transform=ax.transAxes, ha="center", va="top", fontsize=9, color="0.4")
+        for p, color in zip(points, colors):
+            ks, values = passk_points(p.record)
+            ax_k.plot(ks, values, marker="o", color=color, linewidth=1.5, label=p.label)
+        all_ks = sorted({k for p in points for k in passk_points(p.record)[0]})
+        ax_k.set_xscale("log", base=2)
+        ax_k.set_xticks(all_ks, [str(k) for k in all_ks])
+        ax_k.minorticks_off()
+        ax_k.set_xlabel("k (samples per prompt, log2 scale)")
+        ax_k.set_ylabel("pass@k (unbiased, T = 1)")
+        ax_k.set_title("pass@k of the same evaluations")
+        ax_k.legend(loc="lower right", fontsize=9)
+        fig.suptitle("data: docs/figures/compare.json, from `python benchmarks/experiments.py compare`",
+                     fontsize=10, color="0.3", y=0.02, va="bottom")
+        fig.tight_layout(rect=(0, 0.17, 1, 1))
+        fig.savefig(out)
+        plt.close(fig)
+
+
+def plot_learning_curves(compare_json: str, out_dir: str, scripts: list[str] | None = None) -> list[str]:
+    """curve_<script>.png in out_dir for each script (default: all of SCRIPTS) from a saved compare.json.
+
+    Returns the paths written. Needs only the json, not the run folders, so it works in a fresh clone.
+    """
+    with open(compare_json) as f:
+        compare = json.load(f)
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for script in scripts or list(SCRIPTS):
+        out = os.path.join(out_dir, f"curve_{script}.png")
+        plot_learning_curve(compare, script, out)
+        written.append(out)
+    return written
 
 
 def main(argv: list[str] | None = None):

@@ -183,3 +183,16 @@ def test_fix_widens_a_cut_range_to_whole_statements(tmp_path):
     assert "[step.py#L9-L15](../step.py#L9-L15) `for row`" in fixed  # the header takes its body
     # a symbol that moved: centred on its line (13-14), then widened to the call it sits in
     assert "[step.py#L11-L14](../step.py#L11-L14) `scale=2`" in fixed
+
+
+ALGORITHM_PAGES = ["sft", "grpo", "reinforce", "ppo", "sft_rl_mixed"]
+IMAGE = re.compile(r"!\[[^\]\n]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("script", ALGORITHM_PAGES)
+def test_each_algorithm_page_shows_its_learning_curve(script):
+    """docs/<script>.md embeds figures/curve_<script>.png, which exists (`python benchmarks/experiments.py figures`)."""
+    page = DOCS / f"{script}.md"
+    images = IMAGE.findall(INLINE_CODE.sub("", FENCE.sub("", page.read_text())))
+    assert f"figures/curve_{script}.png" in images, f"{page.name} embeds no figures/curve_{script}.png: {images}"
+    assert all((page.parent / image).is_file() for image in images if image.startswith("figures/")), images

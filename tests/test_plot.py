@@ -2,7 +2,8 @@
 
 The fake runs are handwritten metrics.jsonl files shaped like the real ones: an sft.py-like run
 (no rollouts, so no sampled_accuracy), an RL run evaluated with 64 samples (pass@1..pass@64,
-per-slice keys, a null in one step) and an RL run killed before its eval record.
+per-slice keys, a null in one step) and an RL run killed before its eval record. The learning-curve
+figures read a small made-up compare.json instead (the shape `benchmarks/experiments.py compare` saves).
 """
 
 import json
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from common.plot import load_runs, passk_points, series
+from common.plot import SCRIPTS, learning_curve_points, load_runs, passk_points, plot_learning_curves, series
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,3 +118,41 @@ def test_cli_without_matplotlib_exits_with_one_line(runs, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == ERROR_LINE
     assert not (tmp_path / "c.png").exists()
+
+
+def synthetic_compare(curves: bool) -> dict:
+    """A compare.json shaped like the one `python benchmarks/experiments.py compare` saves, with made-up numbers."""
+    def record(step, p1):
+        return {"step": step, "event": "eval", "accuracy": 1.0, **{f"pass@{k}": 1 - (1 - p1) / k for k in (1, 2, 4)}}
+    compare = {"teacher_accuracy": 0.6, "checks": [],
+               "runs": {"runs/cmp_sft": record(30, 0.6), "runs/cmp_sft_more": record(10, 0.6),
+                        **{f"runs/cmp_{s}": record(10, 0.9) for s in ("grpo", "reinforce", "ppo", "sft_rl_mixed")}}}
+    if curves:  # the optional per-step records, one metrics.jsonl-like list per run
+        compare["curves"] = {"runs/cmp_grpo": [{"step": s, "sampled_accuracy": 0.6 + 0.03 * s} for s in range(1, 11)],
+                             "runs/cmp_sft": [{"step": s, "eval_accuracy": s / 30} for s in (10, 20, 30)]}
+    return compare
+
+
+def test_learning_curve_points_place_each_run_on_its_scripts_axis():
+    compare = synthetic_compare(curves=False)
+    grpo = learning_curve_points(compare, "grpo")
+    assert [(p.x, p.run) for p in grpo] == [(0, "runs/cmp_sft"), (10, "runs/cmp_grpo")]  # RL starts from SFT
+    sft = learning_curve_points(compare, "sft")
+    assert [(p.x, p.run) for p in sft] == [(30, "runs/cmp_sft"), (40, "runs/cmp_sft_more")]  # 10 more SFT steps
+    del compare["runs"]["runs/cmp_ppo"]
+    with pytest.raises(ValueError, match="runs/cmp_ppo"):
+        learning_curve_points(compare, "ppo")
+
+
+@pytest.mark.parametrize("curves, scripts", [(False, None), (True, ["sft", "grpo"])],
+                         ids=["eval-points-only", "with-per-step-records"])
+def test_plot_learning_curves_writes_one_png_per_script(tmp_path, curves, scripts):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(synthetic_compare(curves)))
+    written = plot_learning_curves(str(path), str(tmp_path / "figs"), scripts)
+    assert [os.path.basename(p) for p in written] == [f"curve_{s}.png" for s in scripts or SCRIPTS]
+    for p in written:
+        data = open(p, "rb").read()
+        assert data[:8] == PNG_MAGIC
+        assert len(data) > 10_000  # axes, points and text, not an empty canvas
