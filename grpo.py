@@ -15,10 +15,14 @@ In the one view of this project, loss = - E[ w * log pi_theta(y | x) ]: y is the
   grpo.py       baseline = group mean (scaled by the group std); ratio + clip; KL in the loss
   ppo.py        baseline = a learned value model (GAE); ratio + clip; KL in the reward
 
-Every departure from DeepSeekMath GRPO is a flag, off by default; `--preset` sets a named recipe (the
-flags each one sets are in PRESETS below): dr_grpo (Liu et al. 2025), dapo (Yu et al. 2025), gspo (Zheng
-et al. 2025), cispo (MiniMax-M1 2025), sapo (Gao et al. 2025). Clip-Cov / KL-Cov (Cui et al. 2025),
-forking tokens (Wang et al. 2025) and the sampler-mismatch corrections (TIS, IcePop) are flags too.
+Every departure from DeepSeekMath GRPO is a flag, off by default; `--preset` sets a named recipe:
+  --preset dr_grpo  Liu et al. 2025: --scale-rewards none --loss-agg seq-mean-token-sum-norm
+  --preset dapo     Yu et al. 2025: --eps-high 0.28 --beta 0 --loss-agg token-mean --num-minibatches 4
+                    --dynamic-sampling --overlong-cache-len (a quarter of max_new_tokens)
+  --preset gspo     Zheng et al. 2025: --importance-level sequence --eps-low 0.0003 --eps-high 0.0004
+                    --beta 0 --loss-agg seq-mean-token-mean --num-minibatches 4
+  --preset cispo    MiniMax-M1 2025: --policy-loss cispo --beta 0 --loss-agg token-mean --num-minibatches 4
+  --preset sapo     Gao et al. 2025: --policy-loss sapo --beta 0 --loss-agg seq-mean-token-mean --num-minibatches 4
 
 Note: with one update per batch r_t = 1 and the loss *value* is ~0 (mean-centred advantages), the gradient
 is not. Watch reward and `frac_zero_std_groups` (at 1 no group has signal and nothing is learnt).
@@ -39,10 +43,9 @@ from common.cli import (RLRunArgs, check, check_at_least, check_fraction, check_
                         rollout_batch_sizes)
 from common.distributed import all_gather, any_rank, fewest_over_ranks, gather_rows, own_rows, start_run, wrap_model
 from common.evaluation import finish_run, greedy_accuracy
-from common.logprobs import masked_mean, rollout_logprobs, score_rollout
+from common.logprobs import masked_mean, rollout_logprobs, score_rollout, top_tokens
 from common.minibatch import minibatches
 from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer
-from common.rewards import overlong_penalty
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, rollout_metrics, timed
@@ -158,13 +161,12 @@ def parse_args(argv=None) -> Args:
 
 def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int]:
     """Reject bad values and silent knob combinations; return the batch arithmetic (rank_rows, micro_size)."""
-    G = args.group_size
     check_at_least(args, 1, "total_steps", "num_prompts", "num_epochs", "num_minibatches")
     check_at_least(args, 0, "max_resample_rounds", "eps_low", "eps_high", "cispo_eps_high", "beta",
                    "ent_coef", "kl_cov_coef")
     check_positive(args, "temperature", "learning_rate", "max_grad_norm", "std_eps", "tis_cap")
     check_fraction(args, "top_entropy_rho", "clip_cov_frac", "kl_cov_frac")
-    check(G >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
+    check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
     check(args.entropy_tokens == "top" or args.top_entropy_rho < 1, "entropy_tokens",
           "--entropy-tokens bottom trains on the tokens outside the top --top-entropy-rho; set it below 1 (e.g. 0.2)")
     check(min(args.sapo_taus) > 0, "sapo_taus", f"gate temperatures must be > 0, got {args.sapo_taus}")
@@ -173,14 +175,13 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
     check(0 <= args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
           f"must be in [0, {max_new_tokens}) (the completion budget); -1 = a quarter of it")
-    # CISPO, SAPO and KL-Cov each replace the clipped surrogate: pairing them, or any of them with
-    # the dual clip (a clause of the clipped surrogate), would silently drop one of the two.
-    replacers = [f"--policy-loss {args.policy_loss}"] * (args.policy_loss != "clip") + \
-        ["--cov-penalty kl_cov"] * (args.cov_penalty == "kl_cov")
-    check(len(replacers) <= 1, "cov_penalty", f"{' and '.join(replacers)} both replace the clipped surrogate; pick one")
-    check(not (replacers and args.dual_clip_c > 0), "dual_clip_c",
-          f"the dual clip belongs to the clipped surrogate, which {''.join(replacers[:1])} replaces; drop one")
-    return rollout_batch_sizes(args.num_prompts, G, args.num_minibatches, args.micro_batch_size, world_size)
+    # CISPO, SAPO and KL-Cov each replace the clipped surrogate and the dual clip is a clause of it: two of
+    # these together would silently drop one.
+    chosen = ([f"--policy-loss {args.policy_loss}"] * (args.policy_loss != "clip") + ["--dual-clip-c"] *
+              (args.dual_clip_c > 0) + ["--cov-penalty kl_cov"] * (args.cov_penalty == "kl_cov"))
+    check(len(chosen) <= 1, "policy_loss", f"{' and '.join(chosen)} exclude each other; pick one")
+    return rollout_batch_sizes(args.num_prompts, args.group_size, args.num_minibatches, args.micro_batch_size,
+                               world_size)
 
 
 # ==== The algorithm: advantage, per-token loss, aggregation, KL. Pure functions; tests import them ====
@@ -295,12 +296,10 @@ def sapo_loss(ratio, advantages, tau_pos, tau_neg):
 
 def overlong_shaping(rollout: Rollout, max_new_tokens: int, cache_len: int) -> Rollout:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to R_i (logged as reward/overlong):
-    0 up to L_max - L_cache tokens, then linearly down to -1 at L_max, a gentler signal than truncation's."""
-    lengths = rollout.completion_lengths.tolist()
-    penalty = torch.tensor([overlong_penalty(n, max_new_tokens, cache_len) for n in lengths],
-                           device=rollout.rewards.device)  # (B,)
-    rollout.reward_terms["overlong"] = penalty
-    rollout.rewards = rollout.rewards + penalty
+    0 up to L_max - L_cache tokens, ((L_max - L_cache) - |y|) / L_cache up to L_max, -1 beyond."""
+    lengths = rollout.completion_lengths.float()  # (B,)
+    rollout.reward_terms["overlong"] = ((max_new_tokens - cache_len - lengths) / cache_len).clamp(-1, 0)
+    rollout.rewards = rollout.rewards + rollout.reward_terms["overlong"]
     return rollout
 
 
@@ -362,22 +361,13 @@ def clip_cov_mask(advantages, logp, mask, clipped, frac, bounds, generator=None)
 
 def kl_cov_mask(advantages, logp, mask, frac):
     """KL-Cov: (B, C) bool, the top max(1, floor(frac N)) valid tokens by cov_t (they get |logp - logp_old|)."""
-    valid = mask.bool()
-    cov = token_covariance(advantages, logp, mask).masked_fill(~valid, float("-inf")).flatten()
-    k = min(max(1, math.floor(frac * int(valid.sum()))), int(valid.sum()))
-    chosen = torch.zeros_like(cov, dtype=torch.bool)
-    chosen[cov.topk(k).indices] = True
-    return chosen.view_as(mask)
+    k = min(max(1, math.floor(frac * int(mask.sum()))), int(mask.sum()))
+    return top_tokens(token_covariance(advantages, logp, mask), mask, k)
 
 
 def top_entropy_mask(entropy, mask, rho):
     """Forking tokens (Wang et al. 2025, rho = 0.2): (B, C) float, 1 on the top ceil(rho N) entropies."""
-    valid = mask.bool()
-    k = math.ceil(rho * int(valid.sum()))
-    scores = entropy.masked_fill(~valid, float("-inf")).flatten()
-    keep = torch.zeros_like(scores)
-    keep[scores.topk(k).indices] = 1.0
-    return keep.view_as(mask) * mask
+    return top_tokens(entropy, mask, math.ceil(rho * int(mask.sum()))).float()
 
 
 def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
@@ -389,10 +379,10 @@ def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
       seq_mask_geo  the same with k_i = exp(mean_t log k_t)           (verl's Geo-RS)
     All are 1 when the sampler and the trainer agree. (b, C) -> (b, C), detached."""
     mode, log_k = args.mismatch_correction, ((logp_old - logp_rollout) * mask).detach()  # (b, C), 0 on padding
+    k = torch.exp(log_k)  # (b, C)
     if mode == "tis":
-        return torch.clamp(torch.exp(log_k), max=args.tis_cap)
+        return torch.clamp(k, max=args.tis_cap)
     if mode == "icepop":
-        k = torch.exp(log_k)
         return k * ((k >= args.icepop_bounds[0]) & (k <= args.icepop_bounds[1]))
     if mode in ("seq_mask", "seq_mask_geo"):
         log_k_seq = log_k.sum(-1, keepdim=True)  # (b, 1)
@@ -402,9 +392,6 @@ def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
         kept = (k_seq >= args.seq_mask_bounds[0]) & (k_seq <= args.seq_mask_bounds[1])
         return (k_seq * kept).expand_as(log_k)
     return torch.ones_like(log_k)
-
-
-# ==== Training loop ====================================================================================
 
 
 def main(args: Args):

@@ -31,6 +31,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
 
 
+def top_tokens(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C) bool: the k valid positions with the largest scores (ties broken by position)."""
+    chosen = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    chosen[scores.masked_fill(~mask.bool(), float("-inf")).flatten().topk(k).indices] = True
+    return chosen.view_as(mask) & mask.bool()
+
+
 def batch_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance of x over the valid positions of the *whole* batch: under torchrun
     the sums are all-reduced over ranks, so a whitening never uses one rank's statistics."""

@@ -228,16 +228,6 @@ def format_reward(completion: str, ended_with_eos: bool) -> float:
     return float(ended_with_eos and answer is not None and answer.strip() != "")
 
 
-def overlong_penalty(length: int, max_len: int, cache_len: int) -> float:
-    """DAPO's soft overlong punishment (Yu et al., 2025, eq. 13):
-    0 if |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache up to L_max; -1 beyond."""
-    if length <= max_len - cache_len:
-        return 0.0
-    if length <= max_len:
-        return ((max_len - cache_len) - length) / cache_len
-    return -1.0
-
-
 def score_rows(
     verifier: str, completions: list[str], answers: list[str], ended_with_eos: list[bool], format_weight: float = 0.0,
     partial_credit: bool = False,

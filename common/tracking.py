@@ -172,6 +172,44 @@ def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1) -> dict:
             **{f"{k}_time": v for k, v in times.items()}}
 
 
+PROB_BUCKETS = ((0.0, 0.1), (0.1, 0.5), (0.5, 0.9), (0.9, 1.0))
+"""Sampling-probability buckets of the token diagnostic: rare, uncertain, likely, near-certain tokens."""
+
+
+def token_diagnostics(sampler_logprobs, advantages, mask) -> dict:
+    """Which tokens the loss promotes or suppresses (the rl与sft survey: "analyse the rollout distribution
+    before adding a trick"), the same `tokens/` keys in every RL script:
+
+      tokens/share/<bucket>/<sign>  share of the step's completion tokens with sampling probability in the
+                                    bucket (p<0.1, p0.1-0.5, p0.5-0.9, p>0.9) and advantage A > 0 ("pos") or < 0
+      tokens/mass/<bucket>/<sign>   share of the step's |A| they carry (where the gradient's weight sits)
+      tokens/cov_logp_adv           Cov(log pi, A) over the tokens (Cui et al. 2025): a step's first-order change
+                                    of entropy is minus this covariance (their natural-gradient form; for a plain
+                                    softmax gradient it is the covariance with pi * A), so > 0 predicts entropy
+                                    falls (confident tokens pushed up, unlikely ones down)
+
+    sampler_logprobs (B, C): log pi_sampler(y_t); advantages (B,) per completion or (B, C) per token; mask (B, C).
+    Logging only: no gradient, detached.
+    """
+    import torch
+
+    logp, m = sampler_logprobs.detach().float(), mask.detach().float()
+    adv = advantages.detach().float()
+    adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(m)  # (B, C)
+    p, n, mass = logp.exp(), m.sum().clamp(min=1), (adv.abs() * m).sum().clamp(min=1e-12)
+    out = {}
+    for low, high in PROB_BUCKETS:
+        name = "p<0.1" if low == 0 else "p>0.9" if high == 1 else f"p{low}-{high}"
+        in_bucket = m * (p >= low) * ((p < high) if high < 1 else 1.0)  # (B, C)
+        for sign, chosen in (("pos", adv > 0), ("neg", adv < 0)):
+            tokens = in_bucket * chosen
+            out[f"tokens/share/{name}/{sign}"] = (tokens.sum() / n).item()
+            out[f"tokens/mass/{name}/{sign}"] = ((tokens * adv.abs()).sum() / mass).item()
+    mean_logp, mean_adv = (logp * m).sum() / n, (adv * m).sum() / n
+    out["tokens/cov_logp_adv"] = (((logp - mean_logp) * (adv - mean_adv) * m).sum() / n).item()
+    return out
+
+
 def print_eval(result: dict, run_dir: str):
     """The closing lines of every script: the eval record's accuracy and pass@k, and where the model is."""
     summary = ", ".join(f"{k} {v:.3f}" for k, v in result.items()  # the overall numbers; per-slice keys stay in the log

@@ -19,7 +19,6 @@ from common.rewards import (
     format_reward,
     math_verifier,
     number_verifier,
-    overlong_penalty,
     parse_number,
     score_completions,
     score_rows,
@@ -165,7 +164,7 @@ def test_countdown_verifier_rejects_exponents_quickly(completion, answer):
 
 
 # ---------------------------------------------------------------------------------------
-# overlong_penalty (DAPO eq. 13) at its boundary points
+# DAPO's overlong shaping (eq. 13, grpo.overlong_shaping) at its boundary points
 # ---------------------------------------------------------------------------------------
 
 
@@ -174,8 +173,17 @@ def test_countdown_verifier_rejects_exponents_quickly(completion, answer):
     # L_max = 100, L_cache = 20: free up to 80, linear from 0 to -1 over (80, 100], -1 beyond.
     [(0, 0.0), (80, 0.0), (81, -1 / 20), (90, -0.5), (99, -19 / 20), (100, -1.0), (101, -1.0), (1000, -1.0)],
 )
-def test_overlong_penalty(length, expected):
-    assert overlong_penalty(length, max_len=100, cache_len=20) == pytest.approx(expected, abs=1e-12)
+def test_overlong_shaping(length, expected):
+    from types import SimpleNamespace
+
+    import torch
+
+    from grpo import overlong_shaping
+
+    rollout = SimpleNamespace(completion_lengths=torch.tensor([length]), rewards=torch.tensor([1.0]), reward_terms={})
+    shaped = overlong_shaping(rollout, max_new_tokens=100, cache_len=20)
+    assert shaped.reward_terms["overlong"].item() == pytest.approx(expected, abs=1e-6)
+    assert shaped.rewards.item() == pytest.approx(1.0 + expected, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
