@@ -28,11 +28,11 @@ if hasattr(module, "generate_and_score") and os.environ.get("DIST_PER_PROMPT_SAM
 
     real_generate_and_score = module.generate_and_score
 
-    def generate_and_score_per_prompt(engine, tokenizer, task, position, num_prompts, seed, **kwargs):
+    def generate_and_score_per_prompt(engine, tokenizer, task, position, num_prompts, seed, *args, **kwargs):
         parts = []
         for p in range(position, position + num_prompts):
             torch.manual_seed(seed * 1_000_003 + p)
-            parts.append(real_generate_and_score(engine, tokenizer, task, p, 1, seed, **kwargs))
+            parts.append(real_generate_and_score(engine, tokenizer, task, p, 1, seed, *args, **kwargs))
         return Rollout.cat(parts, tokenizer.pad_token_id)
 
     module.generate_and_score = generate_and_score_per_prompt
