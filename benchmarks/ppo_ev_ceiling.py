@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common.logprobs import masked_var, position_ids_from_mask  # noqa: E402
 from common.models import eos_token_ids, load_model_and_tokenizer  # noqa: E402
-from common.rollout import build_engine, generate_and_score  # noqa: E402
+from common.rollout import HFEngine, generate_and_score  # noqa: E402
 from common.tasks import format_prompt, load_task, rows_at  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main(path: str, batches: int = 24):
     model, tok = load_model_and_tokenizer(path, "cpu", torch.float32)
     model.eval()
     eos = eos_token_ids(model, tok)
-    engine = build_engine("hf", model, tok, eos, task=task, max_new_tokens=task.max_new_tokens, device="cpu")
+    engine = HFEngine(model, tok, eos)  # HF generate, as ppo.py with --rollout hf
     evs, accs, feats, targets = [], [], [], []
     for b in range(batches):
         position = 10_000 + 16 * b  # prompts ppo.py's first 600 steps never reach

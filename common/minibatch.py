@@ -37,7 +37,7 @@ class Minibatch:
         self.num_seqs = len(rows) * world_size()
         self.num_tokens = int(all_reduce(mask[rows].sum()).clamp(min=1))
         self.micro_batches = rows.split(micro_size)
-        self.loss_sum = 0.0
+        self.loss_sum, self.part_sums = 0.0, {}
 
     def __iter__(self):
         for i, micro_rows in enumerate(self.micro_batches):
@@ -45,17 +45,23 @@ class Minibatch:
                 grad_sync(model, last=i == len(self.micro_batches) - 1)
             yield micro_rows
 
-    def backward(self, loss: torch.Tensor):
-        """Accumulate d loss; the ranks' gradients are averaged, so x world size makes them a sum."""
+    def backward(self, loss: torch.Tensor, **parts: torch.Tensor):
+        """Accumulate d loss; the ranks' gradients are averaged, so x world size makes them a sum.
+        parts: terms of the loss to log as well (PPO's value_loss), summed like it: `parts` after `step`."""
         (loss * world_size()).backward()
         self.loss_sum += loss.item()
+        for name, part in parts.items():
+            self.part_sums[name] = self.part_sums.get(name, 0.0) + part.item()
 
     def step(self, optimizers, max_grad_norm: float, step: int, run_dir: str) -> tuple[float, float]:
         """Clip each model by its global gradient norm, stop at a non-finite value, step, zero the gradients.
-        Returns (the minibatch's loss summed over ranks, the first model's gradient norm before clipping)."""
+        Returns (the minibatch's loss summed over ranks, the first model's gradient norm before clipping);
+        every model's norm is then in `grad_norms`, and each part given to `backward`, summed over ranks, in `parts`."""
         optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
         grad_norms = [clip_grad_norm(model, max_grad_norm) for model in self.models]
         loss = all_reduce(self.loss_sum)
+        self.grad_norms = [float(g) for g in grad_norms]
+        self.parts = {name: all_reduce(total) for name, total in self.part_sums.items()}
         stop_if_not_finite(step, run_dir, loss=loss, grad_norm=grad_norms[0],
                            **{f"grad_norm_{i}": g for i, g in enumerate(grad_norms[1:], start=1)})
         for optimizer in optimizers:

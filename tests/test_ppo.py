@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ppo
-from common.cli import flag
+from common.cli import flag, validate_run
 from common.tracking import RunLogger, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,26 +35,26 @@ def test_gae_matches_a_hand_computed_example():
     assert torch.allclose(ppo.compute_advantages(rewards, values, mask, 0.9, 0.8), expected, atol=1e-6)
 
 
-def _gae_vectorised(rewards, values, mask, gamma, lam):
+def _gae_vectorised(rewards, values, mask, gamma, gae_lambda):
     """A second GAE: A_t = sum_{s >= t} (gamma lambda)^(s - t) delta_s as one matrix product, no loop."""
     C = rewards.shape[1]
     values = values * mask
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
     deltas = (rewards + gamma * next_values - values) * mask  # (B, C)
     s, t = torch.arange(C)[:, None], torch.arange(C)[None, :]
-    weights = torch.where(s >= t, (gamma * lam) ** (s - t).clamp(min=0).double(), 0.0)  # (C_s, C_t)
+    weights = torch.where(s >= t, (gamma * gae_lambda) ** (s - t).clamp(min=0).double(), 0.0)  # (C_s, C_t)
     return (deltas.double() @ weights).float() * mask
 
 
-@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
-def test_gae_loop_matches_a_vectorised_implementation(gamma, lam):
+@pytest.mark.parametrize("gamma, gae_lambda", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.5, 0.0)])
+def test_gae_loop_matches_a_vectorised_implementation(gamma, gae_lambda):
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([1, 4, 7, 7, 3, 5])
     mask = (torch.arange(7)[None, :] < lengths[:, None]).float()  # (6, 7), right-padded
     rewards = torch.randn(6, 7, generator=g) * mask
     values = torch.randn(6, 7, generator=g)  # garbage on padding: both must ignore it
-    loop = ppo.compute_advantages(rewards, values, mask, gamma, lam)
-    assert torch.allclose(loop, _gae_vectorised(rewards, values, mask, gamma, lam), atol=1e-5)
+    loop = ppo.compute_advantages(rewards, values, mask, gamma, gae_lambda)
+    assert torch.allclose(loop, _gae_vectorised(rewards, values, mask, gamma, gae_lambda), atol=1e-5)
     assert torch.all(loop[mask == 0] == 0)
 
 
@@ -71,10 +71,10 @@ def test_kl_reward_on_every_token_and_the_score_at_the_last_real_one():
     kl = torch.tensor([[0.1, 0.2, 0.3, 5.0], [0.4, -0.1, 0.2, 0.3]])  # row 0: padding at t = 3 holds 5.0
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # row 1: truncated, no padding
     scores = torch.tensor([1.0, -1.0])
-    rewards = ppo.token_rewards(scores, kl, mask, beta=0.5)
+    token_rewards = ppo.compute_token_rewards(scores, kl, mask, beta=0.5)
     expected = torch.tensor([[-0.05, -0.10, -0.15 + 1.0, 0.0], [-0.2, 0.05, -0.1, -0.15 - 1.0]])
-    assert torch.allclose(rewards, expected, atol=1e-6)
-    assert rewards[0, 3] == 0  # nothing on padding, whatever the KL there
+    assert torch.allclose(token_rewards, expected, atol=1e-6)
+    assert token_rewards[0, 3] == 0  # nothing on padding, whatever the KL there
     # k1 in the reward is logp_old - logp_ref: the sampled token's excess log-probability over the reference
     logp_old, logp_ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     assert torch.equal(ppo.kl_penalty(logp_old, logp_ref, "k1"), torch.tensor([[0.5, -1.0]]))
@@ -98,8 +98,8 @@ def test_whitening_uses_only_valid_tokens():
     mask = (torch.arange(6)[None, :] < torch.tensor([[6], [1], [3], [4]])).float()
     advantages = torch.randn(4, 6, generator=g) * 3 + 2
     garbage = advantages + 100 * (1 - mask)  # different values on padding only
-    out = ppo.whiten_advantages(advantages, mask)
-    assert torch.equal(out, ppo.whiten_advantages(garbage, mask))
+    out = ppo.masked_whiten(advantages, mask) * mask  # N+ step 7, as ppo.py's main() writes it
+    assert torch.equal(out, ppo.masked_whiten(garbage, mask) * mask)
     valid = advantages[mask.bool()]  # an independent re-computation over the valid tokens alone
     assert torch.allclose(out[mask.bool()], (valid - valid.mean()) / valid.std(), atol=1e-5)
     assert torch.all(out[mask == 0] == 0)
@@ -133,7 +133,9 @@ def test_token_values_read_the_state_before_each_completion_token(tiny_model, to
 def test_bad_batch_arithmetic_gives_one_line_naming_the_flags():
     def error(*flags):
         with pytest.raises(SystemExit) as stop:
-            ppo.validate(ppo.parse_args(list(flags)), 6)
+            args = ppo.parse_args(list(flags))
+            validate_run(args)  # the shared flags' checks (--sync-every), which start_run runs first
+            ppo.validate(args, 6)
         message = str(stop.value)
         assert message.startswith("error: ") and "\n" not in message, message
         return message
@@ -146,6 +148,10 @@ def test_bad_batch_arithmetic_gives_one_line_naming_the_flags():
     assert error("--gamma", "1.5").startswith("error: --gamma")
     assert error("--sync-every", "2").startswith("error: --sync-every")
     assert error("--group-size", "0").startswith("error: --group-size")
+    for name, value in (("--num-epochs", "0"), ("--kl-horizon", "0"), ("--gae-lambda", "nan"), ("--vf-coef", "inf"),
+                        ("--penalty-reward-value", "-inf"), ("--cliprange-value", "0")):
+        assert error(name, value).startswith(f"error: {name}"), name  # every count >= 1, every float finite
+    assert error("--value-model", "shared", "--lora-rank", "8").startswith("error: --value-model")
     assert flag("micro_batch_size") == "--micro-batch-size"
 
 
