@@ -32,21 +32,22 @@ Run:  python sft.py && python grpo.py        python grpo.py --preset dapo       
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
-from common.checkpoint import resume_from, save_checkpoint, warn_if_task_mismatch
+from common.checkpoint import resume_from, save_checkpoint
 from common.cli import (RLRunArgs, check, check_at_least, check_fraction, check_positive, parse_with_presets,
                         rollout_batch_sizes)
-from common.distributed import all_gather, any_rank, fewest_over_ranks, gather_rows, own_rows, start_run, wrap_model
-from common.evaluation import finish_run, greedy_accuracy
+from common.distributed import all_gather, any_rank, fewest_over_ranks, gather_rows, own_rows, wrap_model
+from common.evaluation import greedy_accuracy
 from common.logprobs import masked_mean, rollout_logprobs, score_rollout, top_tokens
 from common.minibatch import minibatches
-from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer
+from common.models import frozen_reference, load_policy, trainable_parameters
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
+from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, rollout_metrics, timed
 
@@ -133,16 +134,13 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     # ---- optimisation ----------------------------------------------------------------------
     learning_rate: float = 2e-4
     """AdamW learning rate (constant)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
     num_epochs: int = 1
     """passes over each rollout batch (> 1 makes r != 1 and the clip matter)"""
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
 
 
-# overlong_cache_len=-1: a quarter of max_new_tokens. Recipes that treat the ratio differently take 4 optimizer
-# steps per rollout batch, as their papers do: with one, r = 1 and no clip, cap or gate ever acts.
+# Recipes that change the ratio's treatment take 4 optimizer steps a batch, as their papers do (one: r = 1, no clip).
 PRESETS = {
     "grpo": {},
     "dr_grpo": dict(scale_rewards="none", loss_agg="seq-mean-token-sum-norm"),
@@ -173,8 +171,8 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     for name in ("clip_cov_bounds", "icepop_bounds", "seq_mask_bounds"):
         check(getattr(args, name)[0] <= getattr(args, name)[1], name, f"needs low <= high, got {getattr(args, name)}")
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
-    check(0 <= args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
-          f"must be in [0, {max_new_tokens}) (the completion budget); -1 = a quarter of it")
+    check(-1 <= args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
+          f"must be in [0, {max_new_tokens}) (the completion budget), or -1 for a quarter of it")
     # CISPO, SAPO and KL-Cov each replace the clipped surrogate and the dual clip is a clause of it: two of
     # these together would silently drop one.
     chosen = ([f"--policy-loss {args.policy_loss}"] * (args.policy_loss != "clip") + ["--dual-clip-c"] *
@@ -209,9 +207,8 @@ def policy_token_loss(logp, logp_old, advantages, mask, args: Args, kl_cov_token
 
         r_t = exp(logp_t - logp_old_t);   l_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)
 
-    logp (b, C) with grad; logp_old (b, C) detached; advantages (b, 1); mask (b, C).
-    Returns (l_t, clipped_low, clipped_high), each (b, C): the masks mark tokens whose gradient
-    the clip removed (r < 1 - eps_low with A < 0, r > 1 + eps_high with A > 0).
+    logp (b, C) with grad; logp_old (b, C) detached; advantages (b, 1); mask (b, C). Returns (l_t, clipped_low,
+    clipped_high), each (b, C): where the clip removed the gradient (r < 1 - eps_low, A < 0; r > 1 + eps_high, A > 0).
     >>> one = torch.ones(1, 1)  # r = e^0.5 = 1.65 > 1 + eps, A = 1: the loss is clipped at -1.2 A
     >>> policy_token_loss(0.5 * one, 0 * one, one, one, Args())
     (tensor([[-1.2000]]), tensor([[False]]), tensor([[True]]))
@@ -296,7 +293,9 @@ def sapo_loss(ratio, advantages, tau_pos, tau_neg):
 
 def overlong_shaping(rollout: Rollout, max_new_tokens: int, cache_len: int) -> Rollout:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to R_i (logged as reward/overlong):
-    0 up to L_max - L_cache tokens, ((L_max - L_cache) - |y|) / L_cache up to L_max, -1 beyond."""
+    0 up to L_max - L_cache tokens, ((L_max - L_cache) - |y|) / L_cache up to L_max, -1 beyond.
+    cache_len -1 (the dapo preset's): a quarter of the budget."""
+    cache_len = max(1, max_new_tokens // 4) if cache_len == -1 else cache_len
     lengths = rollout.completion_lengths.float()  # (B,)
     rollout.reward_terms["overlong"] = ((max_new_tokens - cache_len - lengths) / cache_len).clamp(-1, 0)
     rollout.rewards = rollout.rewards + rollout.reward_terms["overlong"]
@@ -304,8 +303,8 @@ def overlong_shaping(rollout: Rollout, max_new_tokens: int, cache_len: int) -> R
 
 
 def groups_with_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
-    """DAPO's dynamic-sampling filter: rows of the groups whose rewards are not all equal (only they get a
-    gradient from a group-relative advantage). rewards (B,) -> (rows,).
+    """DAPO's filter: rows of the groups whose rewards are not all equal, the only ones a group-relative advantage
+    gives a gradient. rewards (B,) -> (rows,).
     >>> groups_with_signal(torch.tensor([1., 1., 0., 1.]), 2)
     tensor([2, 3])
     """
@@ -313,9 +312,21 @@ def groups_with_signal(rewards: torch.Tensor, G: int) -> torch.Tensor:
     return has_signal.repeat_interleave(G).nonzero().squeeze(-1)
 
 
+def dynamic_sampling(rollout: Rollout, sample_prompts, position: int, args: Args, rank_rows: int, pad_id: int):
+    """DAPO's dynamic sampling: a group whose rewards are all equal has zero advantage and no gradient, so drop
+    it and top the batch up with fresh prompts from `position` on, at most max_resample_rounds rounds. Every rank
+    draws while any rank is short and keeps as many groups as the fewest. Returns (kept, all sampled, rounds)."""
+    sampled, G = [rollout], args.group_size
+    rollout = rollout[groups_with_signal(rollout.rewards, G)]
+    while any_rank(len(rollout) < rank_rows) and len(sampled) <= args.max_resample_rounds:
+        sampled.append(sample_prompts(position + (len(sampled) - 1) * args.num_prompts))
+        rollout = Rollout.cat([rollout, sampled[-1][groups_with_signal(sampled[-1].rewards, G)]], pad_id)
+    everything = Rollout.cat(sampled, pad_id)
+    return rollout[:fewest_over_ranks(min(len(rollout), rank_rows))], everything, len(sampled) - 1
+
+
 def select_tokens(args: Args, rows, advantages, logp_old, entropy_old, mask, generator=None):
     """Batch-level token selections for the minibatch `rows`: (keep (B, C) float, kl_cov_tokens (B, C) bool).
-
     Clip-Cov / KL-Cov (Cui et al. 2025) and forking tokens (Wang et al. 2025) rank the minibatch's tokens
     once, on rollout-time logprobs and entropy (verl ranks each micro-batch on current ones), over every
     rank's rows with one generator: the choice depends on neither the micro-batch size nor the number of
@@ -385,10 +396,8 @@ def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
     if mode == "icepop":
         return k * ((k >= args.icepop_bounds[0]) & (k <= args.icepop_bounds[1]))
     if mode in ("seq_mask", "seq_mask_geo"):
-        log_k_seq = log_k.sum(-1, keepdim=True)  # (b, 1)
-        if mode == "seq_mask_geo":
-            log_k_seq = log_k_seq / mask.sum(-1, keepdim=True).clamp(min=1)
-        k_seq = torch.exp(log_k_seq)
+        log_k_seq = log_k.sum(-1, keepdim=True)  # (b, 1); Geo-RS: the mean over the completion's tokens
+        k_seq = torch.exp(log_k_seq / (mask.sum(-1, keepdim=True).clamp(min=1) if mode == "seq_mask_geo" else 1))
         kept = (k_seq >= args.seq_mask_bounds[0]) & (k_seq <= args.seq_mask_bounds[1])
         return (k_seq * kept).expand_as(log_k)
     return torch.ones_like(log_k)
@@ -398,27 +407,17 @@ def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
     task = load_task(args.task)
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    if args.overlong_cache_len == -1:  # the DAPO preset's "a quarter of the budget"
-        args = replace(args, overlong_cache_len=max(1, max_new_tokens // 4))
     world, run_dir, dtype = start_run(args, "grpo")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
-    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     prefix_group = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
-    warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
-    model, tokenizer = load_model_and_tokenizer(args.model, world.device, dtype)
-    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
-        model = add_lora(model, args.lora_rank, args.lora_alpha)
-    model.train()
-    # the frozen starting policy; beta = 0 skips it entirely (the dapo, gspo, cispo and sapo presets)
+    model, tokenizer, eos_ids = load_policy(args, world.device, dtype)  # + LoRA adapters with --lora-rank
     ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
-        if args.beta > 0 else None
-    eos_ids = eos_token_ids(model, tokenizer)
+        if args.beta > 0 else None  # the frozen starting policy; none at beta = 0 (dapo, gspo, cispo, sapo presets)
     policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=0.0)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
@@ -439,13 +438,12 @@ def main(args: Args):
     def sample_prompts(position: int) -> Rollout:  # this rank's share of num_prompts prompts, G completions each
         rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
                                      args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
-        if args.overlong_cache_len > 0:  # DAPO: a soft penalty over the last L_cache tokens of the budget
+        if args.overlong_cache_len != 0:  # DAPO: a soft penalty over the last L_cache tokens of the budget
             rollout = overlong_shaping(rollout, max_new_tokens, args.overlong_cache_len)
         return rollout
 
     # logp_old needs its own pass only if the policy moves within a step or tokens are ranked; else it is sg(logp)
-    need_old_pass = (args.num_epochs * args.num_minibatches > 1 or args.cov_penalty != "none"
-                     or args.top_entropy_rho < 1)
+    need_old_pass = args.num_epochs * args.num_minibatches > 1 or args.cov_penalty != "none" or args.top_entropy_rho < 1
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="grpo",
                     disable=not world.is_main)
     for step in progress:
@@ -453,25 +451,17 @@ def main(args: Args):
         staleness = step - last_sync  # steps the sampler's weights lag behind the trainer's
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
         with timed(times, "gen"):
-            sampled = [sample_prompts(data_position)]
+            rollout = everything = sample_prompts(data_position)  # everything: all that was sampled, for the log
         data_position += args.num_prompts
-        rollout = sampled[0]
-        # DAPO: dynamic sampling. A group whose rewards are all equal has zero advantage and no
-        # gradient: drop it and top the batch up with fresh prompts, at most max_resample_rounds times.
-        if args.dynamic_sampling:
-            rollout = rollout[groups_with_signal(rollout.rewards, G)]
-            while any_rank(len(rollout) < rank_rows) and len(sampled) <= args.max_resample_rounds:
-                with timed(times, "gen"):
-                    sampled.append(sample_prompts(data_position))
-                data_position += args.num_prompts
-                fresh = sampled[-1][groups_with_signal(sampled[-1].rewards, G)]
-                rollout = Rollout.cat([rollout, fresh], tokenizer.pad_token_id)
-            rollout = rollout[:fewest_over_ranks(min(len(rollout), rank_rows))]  # as many groups on every rank
-        everything = Rollout.cat(sampled, tokenizer.pad_token_id)  # all that was sampled, for the log
-        if len(rollout) == 0:  # no group had signal: nothing to learn from this step
-            logger.log(step + 1, {**reward_metrics(everything, G), "loss": None, "skipped": 1,
-                                  "resample_rounds": len(sampled) - 1})
-            continue
+        if args.dynamic_sampling:  # DAPO: keep the groups with signal, top the batch up with fresh prompts
+            with timed(times, "gen"):
+                rollout, everything, rounds = dynamic_sampling(rollout, sample_prompts, data_position, args,
+                                                               rank_rows, tokenizer.pad_token_id)
+            data_position += rounds * args.num_prompts
+            if len(rollout) == 0:  # no group had signal: nothing to learn from this step
+                logger.log(step + 1, {**reward_metrics(everything, G), "loss": None, "skipped": 1,
+                                      "resample_rounds": rounds})
+                continue
 
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
         rewards = rollout.rewards.view(-1, G)  # (B / G, G)
@@ -529,15 +519,14 @@ def main(args: Args):
 
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(everything, G), **stats.summary(),
-                   **rollout_metrics(rollout, everything, times, args.num_epochs),
-                   "frac_zero_std_groups_trained": 1 - len(groups_with_signal(rollout.rewards, G)) / len(rollout),
-                   "learning_rate": args.learning_rate, "resample_rounds": len(sampled) - 1,
+                   **rollout_metrics(rollout, everything, times, args.num_epochs, G),
+                   "learning_rate": args.learning_rate, "resample_rounds": len(everything) // rank_rows - 1,
                    "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
         if args.eval_every and (step + 1) % args.eval_every == 0:
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['sampled_accuracy']:.2f}",
-                             zero_std=f"{metrics['frac_zero_std_groups']:.2f}")
+                             zero_std=metrics["frac_zero_std_groups"])
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
             save_checkpoint(run_dir, model, tokenizer, optimizer, None, step + 1, {"data_position": data_position})
 

@@ -39,16 +39,17 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common.checkpoint import resume_from, save_checkpoint, warn_if_task_mismatch
+from common.checkpoint import resume_from, save_checkpoint
 from common.cli import RLRunArgs, check, check_at_least, check_positive, rollout_batch_sizes
 from common.distributed import (all_gather, full_state_dict, load_full_state_dict, load_optimizer_state_dict,
-                                optimizer_state_dict, rank, start_run, wrap_model)
-from common.evaluation import finish_run, greedy_accuracy
+                                optimizer_state_dict, rank, wrap_model)
+from common.evaluation import greedy_accuracy
 from common.logprobs import batch_moments, masked_mean, masked_var, position_ids_from_mask, rollout_logprobs, \
     score_rollout
 from common.minibatch import minibatches
-from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer
+from common.models import frozen_reference, load_model_and_tokenizer, load_policy, trainable_parameters
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
+from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, rollout_metrics, timed
 
@@ -358,23 +359,16 @@ def main(args: Args):
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "ppo")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
-    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     prefix_group = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
-    warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
-    model, tokenizer = load_model_and_tokenizer(args.model, world.device, dtype)
-    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
-        model = add_lora(model, args.lora_rank, args.lora_alpha)
-    model.train()
+    model, tokenizer, eos_ids = load_policy(args, world.device, dtype)  # + LoRA adapters with --lora-rank
     # the frozen starting policy; beta = 0 skips it entirely
     ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
         if args.beta > 0 else None
-    eos_ids = eos_token_ids(model, tokenizer)
     policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=0.0)
     value_model, critic, value_optimizer = build_critic(args, model, world, dtype)  # PPO: V_t, wrapped, its AdamW
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
@@ -480,7 +474,7 @@ def main(args: Args):
 
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(rollout, G), **stats.summary(),  # G = 1: frac_zero_std_groups is None (no std)
-                   **rollout_metrics(rollout, rollout, times, args.num_epochs),
+                   **rollout_metrics(rollout, rollout, times, args.num_epochs, G),
                    "score": scores.mean().item(), "beta": beta, "returns_mean": masked_mean(returns, mask).item(),
                    "explained_variance": explained_variance(returns, values_old, mask),  # the critic before its update
                    "explained_variance_after": explained_variance(returns, values_new, mask),  # and after it

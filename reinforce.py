@@ -43,14 +43,15 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from common.checkpoint import resume_from, save_checkpoint, warn_if_task_mismatch
+from common.checkpoint import resume_from, save_checkpoint
 from common.cli import RLRunArgs, check, check_at_least, check_positive, rollout_batch_sizes
-from common.distributed import all_gather, start_run, wrap_model
-from common.evaluation import finish_run, greedy_accuracy
+from common.distributed import all_gather, wrap_model
+from common.evaluation import greedy_accuracy
 from common.logprobs import batch_moments, rollout_logprobs, score_rollout
 from common.minibatch import minibatches
-from common.models import add_lora, eos_token_ids, frozen_reference, load_model_and_tokenizer
+from common.models import frozen_reference, load_policy, trainable_parameters
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
+from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger, StepStats, rollout_metrics, timed
 
@@ -99,8 +100,6 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     # ---- optimisation ----------------------------------------------------------------------
     learning_rate: float = 2e-4
     """AdamW learning rate (constant)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
 
 
 def parse_args(argv=None) -> Args:
@@ -244,22 +243,15 @@ def main(args: Args):
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "reinforce")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
-    torch.manual_seed(args.seed + world.rank)  # each rank samples its own completions
     G = args.group_size
     prefix_group = G if micro_size % G == 0 else 1  # micro-batches of whole groups run each prompt once
-    warn_if_task_mismatch(args.model, task.name)
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
-    model, tokenizer = load_model_and_tokenizer(args.model, world.device, dtype)
-    if args.lora_rank:  # LoRA: only low-rank adapters train; the reference is the base with them off
-        model = add_lora(model, args.lora_rank, args.lora_alpha)
-    model.train()
+    model, tokenizer, eos_ids = load_policy(args, world.device, dtype)  # + LoRA adapters with --lora-rank
     ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
         if args.beta > 0 else None
-    eos_ids = eos_token_ids(model, tokenizer)
     policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=0.0)
 
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
@@ -290,11 +282,11 @@ def main(args: Args):
         # ---- 1. Generate + 2. Reward: G completions per prompt, each scored by the verifier ----
         with timed(times, "gen"):
             rollout = sample_prompts(data_position)
-        if args.baseline == "remax":  # ReMax: one greedy completion of the same prompts, its reward is b
+        if args.baseline == "remax":  # ReMax: b = the reward of one greedy (T = 0) completion of the same prompts
             with timed(times, "baseline"):
-                greedy_rewards = generate_and_score(  # (B / G,): the same prompts as sample_prompts, T = 0
-                    engine, tokenizer, task, data_position + world.rank * rank_prompts, rank_prompts, args.seed, 1, 0.0,
-                    max_new_tokens, args.top_p, args.format_weight).rewards
+                greedy_rewards = generate_and_score(engine, tokenizer, task, data_position + world.rank * rank_prompts,
+                                                    rank_prompts, args.seed, 1, 0.0, max_new_tokens, 1.0,
+                                                    args.format_weight).rewards  # (B / G,): R of the greedy one
         data_position += args.num_prompts
 
         # ---- 3. Advantage: A_i = R_i - b, the same for every token (REINFORCE++: per token, in 4.) ---
@@ -347,10 +339,9 @@ def main(args: Args):
             last_sync = step + 1
 
         # ---- 7. Log -----------------------------------------------------------------------------
-        metrics = {**reward_metrics(rollout, G), **stats.summary(), **rollout_metrics(rollout, rollout, times),
+        metrics = {**reward_metrics(rollout, G), **stats.summary(), **rollout_metrics(rollout, rollout, times, 1, G),
                    "learning_rate": args.learning_rate,
                    "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
-        metrics["frac_zero_std_groups_trained"] = metrics["frac_zero_std_groups"]  # trained = sampled (no filter)
         if args.baseline == "ema":
             metrics["ema_baseline"] = ema_used
         if args.baseline == "remax":
@@ -359,7 +350,7 @@ def main(args: Args):
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)
         progress.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['sampled_accuracy']:.2f}",
-                             zero_std=metrics["frac_zero_std_groups"])  # None with G = 1
+                             zero_std=metrics["frac_zero_std_groups"])
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
             save_checkpoint(run_dir, model, tokenizer, optimizer, None, step + 1,
                             {"data_position": data_position, "ema_baseline": ema})

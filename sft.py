@@ -37,13 +37,14 @@ from tqdm import tqdm
 
 from common.checkpoint import resume_from, save_checkpoint
 from common.cli import RunArgs, check, check_at_least, check_positive, exact_div
-from common.distributed import start_run, wrap_model
-from common.evaluation import finish_run, greedy_accuracy
+from common.distributed import wrap_model
+from common.evaluation import greedy_accuracy
 from common.logprobs import masked_sum, rollout_logprobs
 from common.minibatch import minibatches
 from common.models import (TINY, add_lora, build_char_tokenizer, build_tiny_model, eos_token_ids,
                            load_model_and_tokenizer)
 from common.rollout import demonstration_rollout
+from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
 from common.tracking import RunLogger
 
@@ -75,8 +76,6 @@ class Args(RunArgs):
     """linear warm-up steps, then cosine decay to 10% of the peak; 0 = none"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping by global norm"""
     # ---- evaluation, checkpoints ----------------------------------------------------------
     # redeclared: SFT takes 1200 cheap steps (the RL scripts ~200 dear ones), so it checks 4x less often
     eval_every: int = 100
@@ -127,9 +126,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def main(args: Args):
     # ---- Setup: batch arithmetic, run folder, device, task ----------------------------------
-    world, run_dir, dtype = start_run(args, "sft")  # world: this process among torchrun's (1 of 1 under python)
+    world, run_dir, dtype = start_run(args, "sft", rank_seed=False)  # --seed on every rank: the same initial weights
     rank_rows, micro_size = validate(args, world.size)  # rank_rows: this rank's demonstrations per step
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (the RL scripts add the rank)
     task = load_task(args.task)
 
     # ---- Setup: policy (from scratch or loaded), optimizer, schedule --------------------------

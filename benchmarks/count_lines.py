@@ -54,8 +54,8 @@ def main():
         ok = target is None or (lines <= target[0] and len(main_lines) <= target[1]
                                 and (diff is None or diff <= target[2]))
         failed |= not ok
-        note = "" if target is None else (f"<= {target[0]} / <= {target[1]} / "
-                                          f"{'-' if target[2] is None else f'<= {target[2]}'}: {'ok' if ok else 'OVER'}")
+        diff_target = "-" if target is None or target[2] is None else f"<= {target[2]}"
+        note = "" if target is None else f"<= {target[0]} / <= {target[1]} / {diff_target}: {'ok' if ok else 'OVER'}"
         print(f"{name:<18}{lines:>7}{len(main_lines):>8}{'-' if diff is None else diff:>21}   {note}")
     sys.exit(1 if failed else 0)
 

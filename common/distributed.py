@@ -66,19 +66,6 @@ def setup_distributed(device: str) -> World:
     return World(rank, size, device, launched=True)
 
 
-def start_run(args, script: str) -> tuple[World, str, torch.dtype]:
-    """Every script's first lines: check the shared flags (common/cli.py's RunArgs), join torchrun's
-    process group (or be the one process), and name the run folder: runs/<run_name>, the script's
-    name when --run-name is empty. Returns (world, run_dir, the training dtype)."""
-    from common.cli import validate_run
-    from common.models import pick_dtype
-
-    validate_run(args)
-    args.run_name = args.run_name or script
-    world = setup_distributed(args.device)
-    return world, os.path.join("runs", args.run_name), pick_dtype(args.dtype, world.device)
-
-
 def cleanup():
     """Wait for every rank at the end of a torchrun run (a no-op under plain python). The process
     group itself is destroyed at exit (`_destroy_at_exit`), once the script's DDP wrappers are gone."""
@@ -192,31 +179,6 @@ def wrap_model(model, world: World, fsdp: bool):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-
-
-def broadcast_parameters(model):
-    """Rank 0's weights to every rank (what DDP does when it wraps a model), for a script that sums
-    gradients itself (sft_rl_mixed.py). A no-op under plain python."""
-    if world_size() > 1:
-        for tensor in [*model.parameters(), *model.buffers()]:
-            data = tensor.data.to(_comm_device())
-            dist.broadcast(data, src=0)
-            tensor.data.copy_(data)
-
-
-def all_reduce_grads(params, *more: list | None):
-    """Sum each parameter's .grad over ranks (a missing grad counts as 0), and each list in `more` (e.g. a
-    split of the gradient by source) the same way. The loss carries the global normalisers, so the sum
-    is the whole batch's gradient. A no-op under plain python."""
-    if world_size() == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(all_reduce(p.grad))
-    for tensors in more:
-        for t in tensors or []:
-            t.copy_(all_reduce(t))
 
 
 def unwrap(model):

@@ -15,11 +15,9 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from common import distributed
-from common.checkpoint import save_final_model
 from common.rewards import score_completions
 from common.rollout import generate
 from common.tasks import format_prompt
-from common.tracking import print_eval
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k (Chen et al., 2021): 1 - C(n - c, k) / C(n, k), n samples, c correct.
@@ -146,18 +144,3 @@ def pool_shares(num_prompts: int, mine: list[int], *per_prompt: list) -> tuple[l
             for i, v in zip(indices, column):
                 out.setdefault(i, v)  # a repeated padding index keeps its first (real) value
     return tuple([out[i] for i in range(num_prompts)] for out in pooled)
-
-
-def finish_run(run_dir: str, model, tokenizer, task, engine, eos_ids, args, max_new_tokens: int, logger) -> dict:
-    """The end of every script: the final model (from_pretrained-loadable) at the top of run_dir, the
-    held-out evaluation as the closing {"event": "eval", ...} record, the closing lines. Returns the record."""
-    save_final_model(run_dir, model, tokenizer)
-    if engine is not None:
-        engine.sync_weights(model)  # the final evaluation samples with the engine
-    result = evaluate(model, tokenizer, task, args.num_eval_prompts, args.num_eval_samples, max_new_tokens,
-                      engine=engine, eos_ids=eos_ids)
-    logger.log(args.total_steps, result)
-    logger.close()
-    print_eval(result, run_dir)
-    distributed.cleanup()
-    return result

@@ -221,6 +221,22 @@ class AdaptersOff(torch.nn.Module):
             return self._lora_model[0](*args, **kwargs)
 
 
+def trainable_parameters(model) -> list:
+    """The parameters the optimizer updates: all of them, or only the LoRA adapters under --lora-rank."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_policy(args, device: torch.device, dtype: torch.dtype):
+    """The model an RL script trains: --model loaded, with LoRA adapters when --lora-rank > 0 (only they
+    train; the frozen reference is then the base with them off), in train mode. Returns (model,
+    tokenizer, eos_ids)."""
+    model, tokenizer = load_model_and_tokenizer(args.model, device, dtype)
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank, args.lora_alpha)
+    model.train()
+    return model, tokenizer, eos_token_ids(model, tokenizer)
+
+
 def frozen_reference(model, name: str, device: torch.device, dtype: torch.dtype):
     """pi_ref, the starting policy, frozen: a second copy loaded from `name`, or under LoRA the policy's
     base with its adapters disabled (the same tensors: a model's worth of memory saved)."""

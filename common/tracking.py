@@ -161,11 +161,15 @@ class StepStats:
         return {**means, **self.largest}
 
 
-def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1) -> dict:
+def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1, group_size: int | None = None) -> dict:
     """Length, truncation, throughput and the step-time split of one step, the same keys in every script:
-    trained = the rows the update used, sampled = every row generated (they differ under resampling)."""
+    trained = the rows the update used, sampled = every row generated (they differ under DAPO's filter).
+    With group_size G > 1 also the share of trained groups whose rewards are all equal (null for G = 1)."""
     train_tokens = int(trained.prompt_mask.sum() + trained.completion_mask.sum()) * num_epochs
+    zero_std = None if not group_size or group_size == 1 else \
+        (trained.rewards.view(-1, group_size).std(dim=1, correction=0) == 0).float().mean().item()
     return {"completion_length": trained.completion_lengths.float().mean().item(),
+            "frac_zero_std_groups_trained": zero_std,
             "frac_truncated": 1 - trained.is_eos.float().mean().item(),
             "gen_tokens_per_s": int(sampled.completion_mask.sum()) / max(times["gen"], 1e-9),
             "train_tokens_per_s": train_tokens / max(times["train"], 1e-9),
@@ -191,8 +195,6 @@ def token_diagnostics(sampler_logprobs, advantages, mask) -> dict:
     sampler_logprobs (B, C): log pi_sampler(y_t); advantages (B,) per completion or (B, C) per token; mask (B, C).
     Logging only: no gradient, detached.
     """
-    import torch
-
     logp, m = sampler_logprobs.detach().float(), mask.detach().float()
     adv = advantages.detach().float()
     adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(m)  # (B, C)

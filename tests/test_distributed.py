@@ -115,6 +115,17 @@ def test_sft_rl_mixed_two_processes_take_the_one_process_step(sft_run, tmp_path,
                "--num-prompts", "4", "--scale-rewards", "batch")
 
 
+def test_sft_rl_mixed_fsdp_takes_the_one_process_step(sft_run, tmp_path):
+    """--fsdp: LUFFY's expert rows run a second forward through the sharded policy in each micro-batch, before
+    its one backward; the step is the 1-process one."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--model", sft_run[0], "--mode", "luffy", "--total-steps", "1", "--num-prompts", "4", "--run-name",
+             "dist", *QUICK]
+    torchrun(1, one, "sft_rl_mixed", *flags)
+    torchrun(2, two, "sft_rl_mixed", *flags, "--fsdp")
+    assert_same_step(one, two, "dist")
+
+
 def test_grpo_fsdp_takes_the_one_process_step(sft_run, tmp_path):
     """--fsdp: weights, gradients and AdamW state sharded over 2 ranks (FSDP2), the reference too; the step
     is the 1-process one, and the checkpoint and final model hold the full weights."""

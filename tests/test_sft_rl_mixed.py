@@ -190,7 +190,8 @@ def test_rft_trains_on_exactly_the_accepted_samples(sft_model, tmp_path, monkeyp
     expected = sft.sft_loss(logp, kept.completion_mask, int(kept.completion_mask.sum()))
     step = _steps("rft")[0]
     assert step["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert step["frac_tokens_kept"] == pytest.approx(float(kept.completion_mask.sum() / rollout.completion_mask.sum()))
+    accepted = float(kept.completion_mask.sum() / rollout.completion_mask.sum())
+    assert step["frac_tokens_accepted"] == pytest.approx(accepted)
 
 
 # ---- distill -------------------------------------------------------------------------------------------
