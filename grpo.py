@@ -49,7 +49,7 @@ from common.models import frozen_reference, load_policy, trainable_parameters
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
 from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
-from common.tracking import RunLogger, StepStats, rollout_metrics, timed
+from common.tracking import RunLogger, StepStats, rollout_metrics, timed, token_diagnostics
 
 
 @dataclass
@@ -520,6 +520,7 @@ def main(args: Args):
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(everything, G), **stats.summary(),
                    **rollout_metrics(rollout, everything, times, args.num_epochs, G),
+                   **token_diagnostics(rollout.sampler_logprobs, advantages, mask),
                    "learning_rate": args.learning_rate, "resample_rounds": len(everything) // rank_rows - 1,
                    "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
         if args.eval_every and (step + 1) % args.eval_every == 0:

@@ -51,7 +51,7 @@ from common.models import frozen_reference, load_model_and_tokenizer, load_polic
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
 from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
-from common.tracking import RunLogger, StepStats, rollout_metrics, timed
+from common.tracking import RunLogger, StepStats, rollout_metrics, timed, token_diagnostics
 
 
 @dataclass
@@ -475,6 +475,7 @@ def main(args: Args):
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(rollout, G), **stats.summary(),  # G = 1: frac_zero_std_groups is None (no std)
                    **rollout_metrics(rollout, rollout, times, args.num_epochs, G),
+                   **token_diagnostics(rollout.sampler_logprobs, advantages, mask),
                    "score": scores.mean().item(), "beta": beta, "returns_mean": masked_mean(returns, mask).item(),
                    "explained_variance": explained_variance(returns, values_old, mask),  # the critic before its update
                    "explained_variance_after": explained_variance(returns, values_new, mask),  # and after it

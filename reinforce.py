@@ -53,7 +53,7 @@ from common.models import frozen_reference, load_policy, trainable_parameters
 from common.rollout import Rollout, build_engine, generate_and_score, reward_metrics
 from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task
-from common.tracking import RunLogger, StepStats, rollout_metrics, timed
+from common.tracking import RunLogger, StepStats, rollout_metrics, timed, token_diagnostics
 
 
 @dataclass
@@ -340,6 +340,7 @@ def main(args: Args):
 
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(rollout, G), **stats.summary(), **rollout_metrics(rollout, rollout, times, 1, G),
+                   **token_diagnostics(rollout.sampler_logprobs, advantages, mask),
                    "learning_rate": args.learning_rate,
                    "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
         if args.baseline == "ema":

@@ -58,7 +58,7 @@ from common.rewards import score_rows
 from common.rollout import Rollout, build_engine, demonstration_rollout, generate_and_score, reward_metrics
 from common.run import finish_run, start_run
 from common.tasks import DEFAULT_TASK, load_task, rows_at
-from common.tracking import RunLogger, StepStats, rollout_metrics, timed
+from common.tracking import RunLogger, StepStats, rollout_metrics, timed, token_diagnostics
 
 
 @dataclass
@@ -544,6 +544,7 @@ def main(args: Args):
         # ---- 7. Log -----------------------------------------------------------------------------
         metrics = {**reward_metrics(everything, G), **stats.summary(),
                    **rollout_metrics(rollout, everything, times, args.num_epochs, group), **sliced,
+                   **token_diagnostics(rollout.sampler_logprobs, advantages if args.mode != "rft" else mask, mask),
                    "learning_rate": args.learning_rate, "rollout_staleness": staleness,
                    "step_time": time.perf_counter() - step_start}
         if args.mode == "weighted":  # the SFT share of this step

@@ -1,9 +1,9 @@
 """Plot finished runs side by side from their metrics.jsonl: training curves and pass@k curves.
 
     python -m common.plot runs/sft runs/grpo runs/ppo [--out runs/compare.png] [--passk-out runs/passk.png]
-                          [--labels SFT GRPO PPO] [--smooth 5]
+                          [--tokens-out runs/tokens.png] [--labels SFT GRPO PPO] [--smooth 5]
 
-Two figures (PNG, matplotlib's non-interactive Agg backend, so it works over ssh and in CI):
+Three figures (PNG, matplotlib's non-interactive Agg backend, so it works over ssh and in CI):
 
 - compare.png, one panel per quantity over optimizer steps, one line per run: sampled pass@1
   (`sampled_accuracy`, the rollouts' mean correctness), `entropy`, `completion_length`, `kl`
@@ -15,6 +15,10 @@ Two figures (PNG, matplotlib's non-interactive Agg backend, so it works over ssh
   up to whatever the run evaluated, e.g. 64 with `evaluate(..., num_samples=64)`). A flat curve
   means extra samples find nothing new; a curve that keeps rising means the model can still
   reach answers it rarely samples. Runs without an eval record are skipped with a note.
+- tokens.png: the token diagnostic every RL script logs (`tokens/...`): where the weight |A| of the
+  gradient sits by the sampling probability of the token and the sign of A, and Cov(log pi, A), whose
+  sign predicts whether entropy falls (> 0) or rises. "Know which tokens your loss promotes or
+  suppresses" (the survey "rl与sft").
 
 One more figure per script, drawn from the numbers `python benchmarks/experiments.py compare` saves
 (docs/figures/compare.json) rather than from run folders: `plot_learning_curves` writes
@@ -164,6 +168,37 @@ def plot_compare(runs: dict, out: str, smooth: int = 5):
         fig.tight_layout()
         fig.savefig(out)
         plt.close(fig)
+
+
+def plot_tokens(runs: dict, out: str, smooth: int = 5) -> bool:
+    """tokens.png: the token diagnostic of each run (common/tracking.py token_diagnostics). Left: the share
+    of |A| (the gradient's weight) on each sampling-probability bucket, A > 0 solid, A < 0 dashed; right:
+    Cov(log pi, A), > 0 predicts that entropy falls. One row per run; False if no run logged it."""
+    plt = _pyplot()
+    logged = {label: steps for label, (steps, _) in runs.items() if any("tokens/cov_logp_adv" in r for r in steps)}
+    if not logged:
+        return False
+    buckets = ["p<0.1", "p0.1-0.5", "p0.5-0.9", "p>0.9"]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(logged), 2, figsize=(12, 3.2 * len(logged)), dpi=100, squeeze=False)
+        for row, (label, steps) in zip(axes, logged.items()):
+            for i, bucket in enumerate(buckets):
+                for sign, style in (("pos", "-"), ("neg", "--")):
+                    xs, ys = series(steps, f"tokens/mass/{bucket}/{sign}", smooth=smooth)
+                    row[0].plot(xs, ys, style, color=f"C{i}", label=f"{bucket}, A {'>' if sign == 'pos' else '<'} 0")
+            row[0].set_title(f"{label}: share of |A| by sampling probability")
+            row[0].set_ylabel(f"share of |A|\n(trailing mean of {smooth} steps)" if smooth > 1 else "share of |A|")
+            xs, ys = series(steps, "tokens/cov_logp_adv", smooth=smooth)
+            row[1].plot(xs, ys, color="C4")
+            row[1].axhline(0, color="0.6", linewidth=0.8)
+            row[1].set_title(f"{label}: Cov(log pi, A) (> 0: entropy falls)")
+            for ax in row:
+                ax.set_xlabel("step")
+        axes[0][0].legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out)
+        plt.close(fig)
+    return True
 
 
 def plot_passk(runs: dict, out: str) -> bool:
@@ -345,6 +380,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("runs", nargs="+", help="run folders (runs/<run_name>), each with a metrics.jsonl")
     parser.add_argument("--out", default="runs/compare.png", help="training-curve figure to write")
     parser.add_argument("--passk-out", default="runs/passk.png", help="pass@k figure to write")
+    parser.add_argument("--tokens-out", default="runs/tokens.png",
+                        help="token-diagnostic figure to write (which tokens the loss pushes up or down)")
     parser.add_argument("--labels", nargs="+", help="one legend label per run (default: folder names)")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window in steps (1: raw curves)")
     args = parser.parse_args(argv)
@@ -357,7 +394,7 @@ def main(argv: list[str] | None = None):
             parser.error(f"{path} has no metrics.jsonl (is it a run folder?)")
     _pyplot()  # fail in one line before reading anything if matplotlib is missing
     runs = load_runs(args.runs, args.labels)
-    for path in (args.out, args.passk_out):
+    for path in (args.out, args.passk_out, args.tokens_out):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     plot_compare(runs, args.out, smooth=args.smooth)
     print(f"training curves written to {args.out}")
@@ -365,6 +402,8 @@ def main(argv: list[str] | None = None):
         print(f"pass@k curves written to {args.passk_out}")
     else:
         print("no run has pass@k in an eval record; no pass@k plot written")
+    if plot_tokens(runs, args.tokens_out, smooth=args.smooth):
+        print(f"token diagnostic written to {args.tokens_out}")
 
 
 if __name__ == "__main__":

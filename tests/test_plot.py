@@ -156,3 +156,22 @@ def test_plot_learning_curves_writes_one_png_per_script(tmp_path, curves, script
         data = open(p, "rb").read()
         assert data[:8] == PNG_MAGIC
         assert len(data) > 10_000  # axes, points and text, not an empty canvas
+
+
+def test_cli_draws_the_token_diagnostic_of_runs_that_log_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from common.tracking import token_diagnostics
+
+    g = torch.Generator().manual_seed(0)
+    records = [{"step": s, **token_diagnostics(torch.log(torch.rand(8, 6, generator=g)), torch.randn(8, generator=g),
+                                               torch.ones(8, 6))} for s in range(1, 6)]
+    run = write_run(tmp_path / "grpo", records)
+    out = tmp_path / "tokens.png"
+    done = subprocess.run([sys.executable, "-m", "common.plot", run, "--out", str(tmp_path / "c.png"), "--passk-out",
+                           str(tmp_path / "p.png"), "--tokens-out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "token diagnostic written" in done.stdout
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 10_000
