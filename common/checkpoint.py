@@ -5,6 +5,7 @@ Layout of a run folder `runs/<run_name>/`:
     checkpoint/                                  the latest resumable state:
         config.json, model.safetensors, ...      the weights at that step (HF format)
         trainer_state.pt                         optimizer, scheduler, RNG, step, data position
+        args.json                                a copy of the run's args.json: which script wrote it
     metrics.jsonl                                one JSON object per step, then the eval record
 
 A checkpoint is written to `checkpoint.tmp/` and swapped in by renames, so a run killed
@@ -65,6 +66,8 @@ def save_checkpoint(run_dir: str, model, tokenizer, optimizer, scheduler, step: 
         shutil.rmtree(tmp, ignore_errors=True)
         _save_weights(tmp, model, tokenizer, weights)
         torch.save(state, os.path.join(tmp, STATE_FILE))
+        if os.path.exists(os.path.join(run_dir, "args.json")):  # the writer's script, for --resume to check
+            shutil.copy(os.path.join(run_dir, "args.json"), tmp)
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(final):
             os.replace(final, old)
@@ -129,16 +132,36 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     return state
 
 
-def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: float | None = None) -> tuple[int, dict]:
+def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: float | None = None,
+                script: str | None = None, expect: tuple[str, ...] = ()) -> tuple[int, dict]:
     """`--resume`: load the latest checkpoint of run_dir in place; return (step, extra).
 
     learning_rate replaces the saved one (the peak, with a scheduler), so a run stopped for
     diverging can resume with a lower --learning-rate; unchanged flags resume exactly.
+    script: the caller's name as its args.json records it ("grpo"); None = the name of the top-level
+    script file that calls this. A checkpoint another script wrote is refused in one line naming both
+    (`python grpo.py` then `python reinforce.py --run-name grpo --resume` share a folder by accident);
+    a folder whose args.json names no script (older runs) is not checked.
+    expect: the keys of `extra` the caller reads; a checkpoint without one is refused in one line
+    naming the key, not a KeyError after the weights were loaded.
     """
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         sys.exit(f"error: --resume: no checkpoint in {run_dir}/; run without --resume to start")
+    script = script or _calling_script()
+    writer = checkpoint_script(checkpoint)
+    if script and writer and writer != script:
+        sys.exit(f"error: --resume: {checkpoint} was written by {writer}.py (its args.json), not {script}.py; to "
+                 f"continue that run use {writer}.py with the same --run-name, or start {script}.py in another "
+                 f"folder: another --run-name (e.g. --run-name {script}_1) without --resume")
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    reader = f"{script}.py" if script else "this script"
+    for key in expect:
+        if key not in state["extra"]:
+            sys.exit(f"error: --resume: {checkpoint} has no {key!r} in its saved state, which {reader} needs to "
+                     f"continue (saved by another script or an older version of this one; it holds "
+                     f"{sorted(state['extra']) or 'nothing'}); start again without --resume, or with another "
+                     f"--run-name to keep this folder")
     if learning_rate is not None and scheduler is None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -149,6 +172,28 @@ def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: f
             group["lr"] *= scale
     print(f"resumed from {checkpoint} at step {state['step']}")
     return state["step"], state["extra"]
+
+
+def checkpoint_script(checkpoint: str) -> str | None:
+    """The script that wrote a checkpoint: "script" of its own args.json copy, else of the run folder's
+    (checkpoints saved before the copy existed); None when neither says (runs older than the key)."""
+    for folder in (checkpoint, os.path.dirname(checkpoint)):
+        try:
+            with open(os.path.join(folder, "args.json")) as f:
+                return json.load(f).get("script")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def _calling_script() -> str | None:
+    """The name of the top-level script (grpo, ppo, ...) whose code called resume_from, read from the
+    caller's file; None when the caller is not one of them (a test, a module in common/)."""
+    caller = sys._getframe(2).f_globals.get("__file__")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if caller and os.path.dirname(os.path.abspath(caller)) == repo:
+        return os.path.splitext(os.path.basename(caller))[0]
+    return None
 
 
 def _damaged(path: str, name: str, error: Exception):

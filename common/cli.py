@@ -2,6 +2,7 @@
 naming the flag and the fix, never a stack trace."""
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, replace
@@ -67,9 +68,19 @@ def check_fraction(args, *names: str):
 
 
 def check_device(device: str):
-    """--device is auto, cpu, cuda or cuda:N (N a GPU index)."""
+    """--device is auto, cpu, cuda or cuda:N (N a GPU index), and a cuda device exists on this machine
+    (under torchrun each rank takes cuda:LOCAL_RANK whatever N says, so N is not checked there)."""
     check(device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None, "device",
           f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count()
+        check(count > 0, "device", f"{device}: torch sees no CUDA GPU here (torch {torch.__version__}, CUDA "
+              f"{torch.version.cuda or 'not compiled in'}); use --device cpu, or auto to take a GPU when there is one")
+        index = int(device.partition(":")[2] or 0)
+        check(index < count or "WORLD_SIZE" in os.environ, "device",
+              f"{device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
 
 
 def parse_with_presets(args_class, presets: dict, argv=None):
@@ -106,6 +117,8 @@ class RunArgs:
     """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
     micro_batch_size: int = 128
     """rows per forward/backward on each rank; gradients accumulate to the optimizer step (same result)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
     fsdp: bool = False
     """under torchrun: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP's full copies"""
     lora_rank: int = 0
@@ -154,8 +167,12 @@ def validate_run(args: RunArgs):
     """The checks of the shared flags, once for every script."""
     check_device(args.device)
     check_at_least(args, 1, "micro_batch_size", "num_eval_prompts", "num_eval_samples")
+    check_positive(args, "max_grad_norm")
     check_at_least(args, 0, "eval_every", "save_every", "lora_rank")
-    check(args.lora_alpha > 0 or not args.lora_rank, "lora_alpha", f"must be > 0, got {args.lora_alpha}")
+    check(args.dtype != "float16", "dtype", "float16 weights turn NaN at the first AdamW step (no loss scaling or fp32 "
+          "master weights here; AdamW's eps 1e-8 is 0 in float16); use bfloat16 (GPU) or float32")
+    check(not args.lora_rank or (math.isfinite(args.lora_alpha) and args.lora_alpha > 0), "lora_alpha",
+          f"must be a finite number > 0 with --lora-rank, got {args.lora_alpha}")
     check(not (args.lora_rank and args.fsdp), "fsdp", "LoRA is for a model whose base fits one device; "
           "drop --fsdp (DDP then copies the base to each rank) or --lora-rank")
     check(re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", args.run_name or "x") is not None and ".." not in args.run_name,

@@ -244,8 +244,8 @@ def test_kl_cov_and_clip_cov_change_the_update(sft_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["--total-steps", "1", "--num-prompts", "8", "--num-minibatches", "2", "--beta", "0"]
     _grpo(sft_run[0], *base, "--run-name", "plain")
-    _grpo(sft_run[0], *base, "--run-name", "klcov", "--cov-penalty", "kl_cov", "--kl-cov-ratio", "0.2")
-    _grpo(sft_run[0], *base, "--run-name", "clipcov", "--cov-penalty", "clip_cov", "--clip-cov-ratio", "0.05",
+    _grpo(sft_run[0], *base, "--run-name", "klcov", "--cov-penalty", "kl_cov", "--kl-cov-frac", "0.2")
+    _grpo(sft_run[0], *base, "--run-name", "clipcov", "--cov-penalty", "clip_cov", "--clip-cov-frac", "0.05",
           "--clip-cov-bounds", "-100", "100")
     plain, klcov, clipcov = _steps("plain")[0], _steps("klcov")[0], _steps("clipcov")[0]
     assert klcov["loss"] != pytest.approx(plain["loss"], abs=1e-7)  # |logp - logp_old| > 0 in minibatch 2
@@ -297,17 +297,17 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(sft_run, tmp_path, monk
     assert last.startswith("error: --resume:") and weights in last and "damaged" in last, out.stderr[-1500:]
 
 
-def test_readme_lists_every_metric_a_grpo_step_logs(sft_run, tmp_path, monkeypatch):
+def test_grpo_docs_list_every_metric_a_grpo_step_logs(sft_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _grpo(sft_run[0], "--total-steps", "1", "--num-prompts", "2")
     record = _steps()[0]
-    with open(os.path.join(REPO, "README.md")) as f:
-        readme = f.read()
-    section = readme[readme.index("What `grpo.py` logs each step"):]
-    section = section[:section.index("\n\n")]
+    with open(os.path.join(REPO, "docs", "grpo.md")) as f:
+        page = f.read()
+    section = page[page.index("## Logged metrics"):]
+    section = section[:section.index("\n## ")]
     for key in record:
         shown = key.split("/")[0] + "/" if "/" in key else key
-        assert f"`{shown}" in section, f"README does not list {key}"
+        assert f"`{shown}" in section, f"docs/grpo.md's Logged metrics does not list {key}"
 
 
 def test_grpo_resume_continues_exactly(sft_run, tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_grpo_learns_beyond_the_teacher(sft_run, tmp_path, monkeypatch):
     """From the SFT checkpoint, sampled accuracy rises well above the noisy teacher's ~60%.
 
     (The strict "greedy does not fall" claim is measured on the default 1200-step SFT model
-    in the README; this short 400-step model's greedy answers wobble by a few points on 100
+    in docs/results.md; this short 400-step model's greedy answers wobble by a few points on 100
     prompts while GRPO sharpens it, so here greedy must merely stay within 0.1.)"""
     monkeypatch.chdir(tmp_path)
     before = sft_run[1]
