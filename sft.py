@@ -150,8 +150,7 @@ def main(args: Args):
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
     if args.resume:
-        start_step, extra = resume_from(run_dir, model, optimizer, scheduler, learning_rate=args.learning_rate,
-                                        script="sft", expect=("data_position",))
+        start_step, extra = resume_from(run_dir, model, optimizer, scheduler, learning_rate=args.learning_rate)
         data_position = extra["data_position"]
     logger = RunLogger(run_dir, args, "sft", resume_step=start_step if args.resume else None)
     print(f"sft: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, task {task.name}, "

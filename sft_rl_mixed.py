@@ -412,8 +412,7 @@ def main(args: Args):
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
     if args.resume:
-        start_step, extra = resume_from(run_dir, model, optimizer, learning_rate=args.learning_rate,
-                                        expect=("data_position",))
+        start_step, extra = resume_from(run_dir, model, optimizer, learning_rate=args.learning_rate)
         data_position = extra["data_position"]
         engine.sync_weights(model)  # the engine loaded args.model; the resumed trainer is ahead of it
     last_sync = start_step  # the sampler holds the weights of this step; staleness = step - last_sync

@@ -138,30 +138,20 @@ def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: f
 
     learning_rate replaces the saved one (the peak, with a scheduler), so a run stopped for
     diverging can resume with a lower --learning-rate; unchanged flags resume exactly.
-    script: the caller's name as its args.json records it ("grpo"); None = the name of the top-level
-    script file that calls this. A checkpoint another script wrote is refused in one line naming both
-    (`python grpo.py` then `python reinforce.py --run-name grpo --resume` share a folder by accident);
-    a folder whose args.json names no script (older runs) is not checked.
-    expect: the keys of `extra` the caller reads; a checkpoint without one is refused in one line
-    naming the key, not a KeyError after the weights were loaded.
+    script: the caller's name as its args.json records it ("grpo"): a checkpoint another script wrote
+    is refused in one line naming both (`check_resume_script`; common/run.py's start_run already did
+    it for every script). expect: keys of `extra` to require now; any key a script reads later and
+    the checkpoint lacks also stops the run in one line naming it (`SavedState`), never a KeyError.
     """
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         sys.exit(f"error: --resume: no checkpoint in {run_dir}/; run without --resume to start")
-    script = script or _calling_script()
-    writer = checkpoint_script(checkpoint)
-    if script and writer and writer != script:
-        sys.exit(f"error: --resume: {checkpoint} was written by {writer}.py (its args.json), not {script}.py; to "
-                 f"continue that run use {writer}.py with the same --run-name, or start {script}.py in another "
-                 f"folder: another --run-name (e.g. --run-name {script}_1) without --resume")
+    if script:
+        check_resume_script(run_dir, script)
     state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    reader = f"{script}.py" if script else "this script"
+    extra = SavedState(state["extra"], checkpoint, script or checkpoint_script(checkpoint))  # start_run: the same
     for key in expect:
-        if key not in state["extra"]:
-            sys.exit(f"error: --resume: {checkpoint} has no {key!r} in its saved state, which {reader} needs to "
-                     f"continue (saved by another script or an older version of this one; it holds "
-                     f"{sorted(state['extra']) or 'nothing'}); start again without --resume, or with another "
-                     f"--run-name to keep this folder")
+        extra[key]  # noqa: B018 (a missing key stops the run here, before anything else is read)
     if learning_rate is not None and scheduler is None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
@@ -171,7 +161,32 @@ def resume_from(run_dir: str, model, optimizer, scheduler=None, learning_rate: f
         for group in optimizer.param_groups:
             group["lr"] *= scale
     print(f"resumed from {checkpoint} at step {state['step']}")
-    return state["step"], state["extra"]
+    return state["step"], extra
+
+
+class SavedState(dict):
+    """A checkpoint's `extra` (data_position, a baseline's state, ...). Reading a key it lacks stops the run
+    with one line naming the key (a folder another script, or an older version of this one, wrote)."""
+
+    def __init__(self, values: dict, checkpoint: str, script: str | None = None):
+        super().__init__(values)
+        self.checkpoint, self.reader = checkpoint, f"{script}.py" if script else "this script"
+
+    def __missing__(self, key):
+        sys.exit(f"error: --resume: {self.checkpoint} has no {key!r} in its saved state, which {self.reader} needs "
+                 f"to continue (saved by another script or an older version of this one; it holds "
+                 f"{sorted(self) or 'nothing'}); start again without --resume, or with another --run-name")
+
+
+def check_resume_script(run_dir: str, script: str):
+    """--resume on a folder another script wrote (`python grpo.py`, then `python reinforce.py --run-name grpo
+    --resume`) is refused in one line naming both; a folder whose args.json names no script is not checked."""
+    checkpoint = find_checkpoint(run_dir)
+    writer = checkpoint_script(checkpoint) if checkpoint else None
+    if writer and writer != script:
+        sys.exit(f"error: --resume: {checkpoint} was written by {writer}.py (its args.json), not {script}.py; to "
+                 f"continue that run use {writer}.py with the same --run-name, or start {script}.py in another "
+                 f"folder: another --run-name (e.g. --run-name {script}_1) without --resume")
 
 
 def checkpoint_script(checkpoint: str) -> str | None:
@@ -183,16 +198,6 @@ def checkpoint_script(checkpoint: str) -> str | None:
                 return json.load(f).get("script")
         except (OSError, ValueError, AttributeError):
             continue
-    return None
-
-
-def _calling_script() -> str | None:
-    """The name of the top-level script (grpo, ppo, ...) whose code called resume_from, read from the
-    caller's file; None when the caller is not one of them (a test, a module in common/)."""
-    caller = sys._getframe(2).f_globals.get("__file__")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if caller and os.path.dirname(os.path.abspath(caller)) == repo:
-        return os.path.splitext(os.path.basename(caller))[0]
     return None
 
 

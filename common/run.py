@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from common.checkpoint import save_final_model, warn_if_task_mismatch
+from common.checkpoint import check_resume_script, save_final_model, warn_if_task_mismatch
 from common.cli import validate_run
 from common.distributed import World, cleanup, setup_distributed
 from common.evaluation import evaluate
@@ -18,13 +18,15 @@ from common.tracking import print_eval
 
 
 def start_run(args, script: str, rank_seed: bool = True) -> tuple[World, str, torch.dtype]:
-    """Every script's first lines: check the shared flags (common/cli.py's RunArgs), join torchrun's
-    process group (or be the one process), name the run folder (runs/<run_name>, the script's name
-    when --run-name is empty), seed torch with --seed + rank (each rank samples its own completions;
-    rank_seed=False: --seed on every rank, for identical initial weights), and warn when --model is a
-    run trained on another task. Returns (world, run_dir, the training dtype)."""
+    """Every script's first lines: check the shared flags (common/cli.py's RunArgs), name the run folder
+    (runs/<run_name>, the script's name when --run-name is empty), refuse --resume on a folder another
+    script wrote, join torchrun's process group (or be the one process), seed torch with --seed + rank
+    (each rank samples its own completions; rank_seed=False: --seed on every rank, for identical initial
+    weights), and warn when --model is a run trained on another task. Returns (world, run_dir, dtype)."""
     validate_run(args)
     args.run_name = args.run_name or script
+    if args.resume:  # a folder another script wrote: one line naming both, before anything is loaded
+        check_resume_script(os.path.join("runs", args.run_name), script)
     world = setup_distributed(args.device)
     torch.manual_seed(args.seed + world.rank * rank_seed)
     warn_if_task_mismatch(args.model, args.task)

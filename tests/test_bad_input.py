@@ -116,7 +116,7 @@ def test_resume_by_the_same_script_still_works(tmp_path):
                                          ("ppo.py", "value_model"), ("sft_rl_mixed.py", "data_position")])
 def test_resume_of_a_checkpoint_without_a_key_names_the_key(tmp_path, script, key):
     """The script matches but the checkpoint's extra state lacks a value it reads (an older version of the
-    script saved it): one line naming the key, not a KeyError. Needs the script to pass `expect=`."""
+    script saved it): one line naming the key, not a KeyError."""
     first = _quick_run(script, tmp_path, "--run-name", "old")
     assert first.returncode == 0, first.stderr[-3000:]
     path = tmp_path / "runs/old/checkpoint/trainer_state.pt"
