@@ -49,6 +49,10 @@ class _RecordSampledLogprobs(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self.collect(input_ids)
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():  # -inf is a masked token, not divergence
+            raise SystemExit("error: the policy's logits are NaN or inf while sampling: the last update made the "
+                             "weights diverge; lower --learning-rate (or --max-grad-norm) and start again, or "
+                             "--resume from the last checkpoint")
         self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
