@@ -359,3 +359,44 @@ def test_grpo_learns_with_vllm_rollouts_like_hf(sft_run, tmp_path, monkeypatch):
     assert result["pass@1"] > before["pass@1"] + 0.15
     assert max(r["mismatch_mean_abs"] for r in steps) < 1e-4  # synced every step: sampler == trainer
     assert all(r["rollout_staleness"] == 0 for r in steps)
+
+
+@pytest.mark.parametrize("script", ["grpo", "reinforce", "ppo", "sft_rl_mixed"])
+def test_seed_changes_what_is_sampled_but_not_the_held_out_prompts(script, sft_run, tmp_path, monkeypatch):
+    """--seed picks the training-prompt order and the sampling stream; the held-out split every seed is
+    evaluated on is the same, so runs with different seeds compare (docs/phenomena.md)."""
+    import importlib
+
+    import common.run
+
+    module = importlib.import_module(script)
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def recording(name):
+        real_generate, real_evaluate = module.generate_and_score, common.run.evaluate
+
+        def generate(engine, tokenizer, task, position, num_prompts, *args, **kwargs):
+            rollout = real_generate(engine, tokenizer, task, position, num_prompts, *args, **kwargs)
+            seen.setdefault(name, {}).setdefault("completions", []).extend(rollout.completions)
+            return rollout
+
+        def evaluate(model, tokenizer, task, num_prompts, *args, **kwargs):
+            seen[name]["held_out"] = list(task.test["question"][:num_prompts])
+            return real_evaluate(model, tokenizer, task, num_prompts, *args, **kwargs)
+
+        monkeypatch.setattr(module, "generate_and_score", generate)
+        monkeypatch.setattr(common.run, "evaluate", evaluate)
+
+    for seed in ("1", "2"):
+        recording(seed)
+        module.main(module.parse_args(["--model", sft_run[0], "--seed", seed, "--run-name", f"s{seed}", "--total-steps",
+                                       "1", "--num-prompts", "8", "--no-tensorboard", "--num-eval-prompts", "8",
+                                       "--num-eval-samples", "1", "--eval-every", "0"]))
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+    assert seen["1"]["completions"] != seen["2"]["completions"]
+    assert seen["1"]["held_out"] == seen["2"]["held_out"] and len(seen["1"]["held_out"]) == 8
+    from common.tasks import rows_at
+
+    assert rows_at(1000, 0, 16, 1) != rows_at(1000, 0, 16, 2)  # the prompt order is a function of the seed
