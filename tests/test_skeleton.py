@@ -112,3 +112,13 @@ def test_no_distributed_name_on_a_loss_line(script):
     assert loss_lines
     offending = [line.strip() for line in loss_lines if any(re.search(rf"\b{d}\b", line) for d in DISTRIBUTED_NAMES)]
     assert not offending, f"{script}: {offending}"
+
+
+def test_the_banners_skeleton_md_quotes_exist():
+    """docs/skeleton.md quotes banners from the scripts; each quote is a banner a script has."""
+    doc = open(os.path.join(REPO, "docs", "skeleton.md")).read().replace("\n", " ")
+    quotes = re.findall(r"`# ---- ([^`]+)`", doc)
+    assert quotes
+    scripts = " ".join(_source(s) for s in ("sft.py", "grpo.py", *RL_SCRIPTS))
+    for quote in quotes:
+        assert re.sub(r"\s+", " ", quote) in re.sub(r"\s+", " ", scripts), quote
