@@ -154,19 +154,20 @@ def countdown_verifier(completion: str, answer: str) -> tuple[float, str]:
     return (1.0, "correct") if abs(value - target) < 1e-9 else (0.0, "wrong")
 
 
-_STEP = re.compile(r"(\d{1,6})([+\-*])(\d{1,6})=(-?\d{1,12})")
+_STEP = re.compile(r" *(\d{1,6})([+\-*])(\d{1,6})=(-?\d{1,12})(?: \((-?\d{1,12}(?: -?\d{1,12}){0,9})\))?")
 
 
 def check_countdown_steps(completion: str, answer: str) -> tuple[int, int, str]:
-    """Walk the steps "a+b=c" of a completion against "n1 n2 ...->target".
+    """Walk the steps "a+b=c (pool left)" of a completion against "n1 n2 ...->target".
 
     Returns (steps that check, steps: the more of taken and needed = len(numbers) - 1, reason). A step
-    checks when both operands are available (given numbers or earlier results, each used once) and the
-    arithmetic is right; its result then becomes available. Correct: every step checks, all numbers are used and
+    checks when both operands are available (given numbers or earlier results, each used once), the
+    arithmetic is right and the pool it lists (optional; none after the last step) is what is left, in
+    any order; its result then becomes available. Correct: every step checks, all numbers are used and
     the last result is the target.
-    >>> check_countdown_steps("14+9=23 23+17=40 40-2=38", "14 2 9 17->38")
+    >>> check_countdown_steps("14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38", "14 2 9 17->38")
     (3, 3, 'correct')
-    >>> check_countdown_steps("14+9=23 23+17=41 40-2=38", "14 2 9 17->38")
+    >>> check_countdown_steps("14+9=23 (2 17 23) 23+17=41 (2 41) 41-2=39", "14 2 9 17->38")
     (1, 3, 'wrong')
     """
     try:
@@ -177,23 +178,31 @@ def check_countdown_steps(completion: str, answer: str) -> tuple[int, int, str]:
     needed = max(1, len(pool) - 1)
     if not isinstance(completion, str) or not completion.strip():
         return 0, needed, "no_answer"
-    steps = completion.strip().split("\n")[0].split()
-    if len(steps) > 4 * needed or len(completion) > 400:  # judged whole or not at all
+    line = completion.strip().split("\n")[0]
+    if len(line) > 400:  # judged whole or not at all
         return 0, needed, "malformed"
+    steps, position = [], 0
+    while position < len(line):
+        match = _STEP.match(line, position)
+        if match is None or len(steps) > 4 * needed:
+            return 0, needed, "malformed"
+        steps.append(match)
+        position = match.end()
     checked, all_ok = 0, True
-    for step in steps:
-        match = _STEP.fullmatch(step)
-        if match is None:
-            return checked, needed, "malformed"
+    for match in steps:
         a, op, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        if a in pool and (b in pool and (a != b or pool.count(a) >= 2)) and value == c:
-            pool.remove(a)
-            pool.remove(b)
-            pool.append(c)
-            checked += 1
-        else:
-            all_ok = False
+        left = list(pool)
+        available = a in left and (left.remove(a) or b in left)
+        if available and value == c:
+            left.remove(b)
+            left.append(c)
+            listed = match[5] is None or sorted(int(n) for n in match[5].split()) == sorted(left)
+            if listed:
+                pool = left
+                checked += 1
+                continue
+        all_ok = False
     right = all_ok and pool == [target] and len(steps) == needed
     return checked, max(needed, len(steps)), "correct" if right else "wrong"
 
@@ -207,7 +216,7 @@ def countdown_steps_verifier(completion: str, answer: str) -> tuple[float, str]:
 def countdown_steps_fraction(completion: str, answer: str) -> float:
     """Partial credit, like the pass rate of a program's test cases: each step is a test case, and
     reaching the target with every number is one more. (checks + right) / (steps + 1); 1 only if right.
-    >>> countdown_steps_fraction("14+9=23 23+17=40 40+2=42", "14 2 9 17->38")  # every step checks, 42 != 38
+    >>> countdown_steps_fraction("14+9=23 23+17=40 40+2=42", "14 2 9 17->38")  # every step checks, 42 is not 38
     0.75
     """
     checked, steps, reason = check_countdown_steps(completion, answer)

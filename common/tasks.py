@@ -253,12 +253,13 @@ def make_countdown_task(
 
 
 def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product: int = 99) -> list[str]:
-    """One random way to combine all the numbers, as steps "a+b=c": two available numbers at a time
-    (given or earlier results, each used once), an operator among + - *, the result back in the pool.
-    The last result is the target. Subtraction keeps the larger operand first and never makes 0; a
-    product above max_product becomes + or -.
+    """One random way to combine all the numbers, as steps "a+b=c (rest)": two available numbers at a time
+    (given or earlier results, each used once), an operator among + - *, the result back in the pool,
+    and the pool that is left, in order (the given numbers not used yet, then the results). The last
+    result is the target. Subtraction keeps the larger operand first and never makes 0; a product above
+    max_product becomes + or -.
     >>> countdown_steps_solution(random.Random(3), [8, 19, 18, 5])
-    ['19*5=95', '95-8=87', '87-18=69']
+    ['19*5=95 (8 18 95)', '95-8=87 (18 87)', '87-18=69']
     """
     pool, steps = list(numbers), []
     while len(pool) > 1:
@@ -272,8 +273,8 @@ def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product
         if op == "-" and x < y:
             x, y = y, x
         z = x + y if op == "+" else x - y if op == "-" else x * y
-        steps.append(f"{x}{op}{y}={z}")
         pool.append(z)
+        steps.append(f"{x}{op}{y}={z}" + (f" ({' '.join(map(str, pool))})" if len(pool) > 1 else ""))
     return steps
 
 
@@ -282,12 +283,15 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: 
                               name: str = "countdown_steps") -> Task:
     """Countdown written as steps, the reasoning task of the token-level phenomena (docs/phenomena.md).
 
-    "14 2 9 17->38": "14+9=23 23+17=40 40-2=38" is right (each step checks, every number is used
-    once, the last result is the target); "14+9=23 23+2=25 25+17=42" is wrong (42).
+    "14 2 9 17->38": "14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38" is right (each step checks, and so
+    does the pool it leaves, every number is used once, the last result is the target);
+    "14+9=23 (2 17 23) 23+2=25 (17 25) 25+17=42" is wrong (42).
 
     Why it is built this way:
     - A few tokens decide and the rest follow: which two numbers to combine and with which
-      operator is a fork (many continuations are right), each "=c" is forced by the arithmetic.
+      operator is a fork (many continuations are right); each "=c" is forced by the arithmetic,
+      and so is the pool left after the step, "(2 17 23)", which the model writes out as a
+      scratchpad (the state a step-by-step solution carries).
       So entropy sits on few tokens, as in the long chains of thought the article's token-level
       lessons are about (forking tokens, covariance, which tokens a loss pushes up or down).
     - The teacher is right but shows one of many paths (a random one), so the SFT model samples
@@ -306,7 +310,7 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: 
         while len(rows["question"]) < count:
             numbers = [rng.randint(1, max_number) for _ in range(size)]
             steps = countdown_steps_solution(rng, numbers)
-            target = int(steps[-1].split("=")[1])
+            target = int(steps[-1].split("=")[1])  # the last step leaves no pool to list
             key = (tuple(sorted(numbers)), target)
             if not 1 <= target <= max_target or key in seen:
                 continue
@@ -317,7 +321,7 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: 
             rows["demonstration"].append(" ".join(steps))
         splits.append(Dataset.from_dict(rows))
     test, train = splits
-    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=40, partial_credit=partial_credit)
+    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=56, partial_credit=partial_credit)
 
 
 # ---------------------------------------------------------------------------------------

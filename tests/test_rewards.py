@@ -368,6 +368,9 @@ def test_format_reward(completion, eos, expected):
     ("14+14=28 28+9=37 37+1=38", "wrong"),         # 14 used twice, 17 and 2 never
     ("14+9=23 23+17=40", "wrong"),                 # 2 unused
     ("14+9=23 23+17=40 40-2=38 38+0=38", "wrong"),  # a step too many (0 was never given)
+    ("14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38", "correct"),  # the pool each step leaves, as the teacher writes
+    ("14+9=23 (2 23 17) 23+17=40 (40 2) 40-2=38", "correct"),  # in any order
+    ("14+9=23 (2 17 24) 23+17=40 (2 40) 40-2=38", "wrong"),    # a pool that is not what is left
     ("14 + 9 = 23", "malformed"),
     ("", "no_answer"),
 ])
