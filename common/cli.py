@@ -114,7 +114,7 @@ class RunArgs:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N (under torchrun: cuda means each rank's own GPU, cuda:LOCAL_RANK)"""
     dtype: Dtype = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16"""
+    """auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16 (float16 is refused: AdamW turns it NaN in one step)"""
     micro_batch_size: int = 128
     """rows per forward/backward on each rank; gradients accumulate to the optimizer step (same result)"""
     max_grad_norm: float = 1.0
