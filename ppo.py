@@ -364,9 +364,8 @@ def main(args: Args):
 
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
     model, tokenizer, eos_ids = load_policy(args, world.device, dtype)  # + LoRA adapters with --lora-rank
-    # the frozen starting policy; beta = 0 skips it entirely
     ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
-        if args.beta > 0 else None
+        if args.beta > 0 else None  # the frozen starting policy; none at beta = 0
     policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=0.0)
     value_model, critic, value_optimizer = build_critic(args, model, world, dtype)  # PPO: V_t, wrapped, its AdamW
@@ -457,7 +456,7 @@ def main(args: Args):
                     gap = (logp_old_mb - micro.sampler_logprobs) * m  # trainer vs sampler, 0 on padding
                     log_ratio = (logp - logp_old_mb).detach()  # log rho_t; approx_kl: k3 of KL(pi_old || pi_theta)
                     stats.tokens(m, entropy=entropy, clip_frac_low=clipped_low, clip_frac_high=clipped_high,
-                                 mismatch_mean_abs=gap.abs(), frac_tokens_kept=m, clipfrac=clipped_low | clipped_high,
+                                 mismatch_mean_abs=gap.abs(), clipfrac=clipped_low | clipped_high,
                                  approx_kl=torch.exp(log_ratio) - 1 - log_ratio,  # mean((rho - 1) - log rho)
                                  vf_clipfrac=value_clipped, value_mean=values)
                     stats.maxes(mismatch_max_ratio=torch.exp(gap).max())

@@ -26,6 +26,7 @@ from common import distributed
 from common.rewards import score_rows
 from common.rollout_data import Rollout, completion_mask_from_ids
 from common.tasks import format_prompt, rows_at
+from common.tracking import frac_zero_std_groups
 
 
 class _RecordSampledLogprobs(LogitsProcessor):
@@ -188,9 +189,7 @@ def reward_metrics(rollout: Rollout, G: int) -> dict:
         "reward": rollout.rewards.mean().item(),
         **{f"reward/{k}": v.float().mean().item() for k, v in rollout.reward_terms.items()},
         "sampled_accuracy": rollout.reward_terms["correct"].float().mean().item(),  # eval's `accuracy` is greedy
-        # groups whose rewards are all equal: their group-relative advantage is 0 (null for G = 1: no groups)
-        "frac_zero_std_groups": (rollout.rewards.view(-1, G).std(dim=1, correction=0) == 0).float().mean().item()
-        if G > 1 else None,
+        "frac_zero_std_groups": frac_zero_std_groups(rollout.rewards, G),  # null for G = 1: no groups
         **{f"reasons/{k}": rollout.reasons.count(k) / n for k in sorted(set(rollout.reasons))},
     }
 

@@ -161,13 +161,19 @@ class StepStats:
         return {**means, **self.largest}
 
 
+def frac_zero_std_groups(rewards, group_size: int) -> float | None:
+    """Share of groups whose rewards are all equal (their group-relative advantage is 0); None for G = 1."""
+    if group_size == 1:
+        return None
+    return (rewards.view(-1, group_size).std(dim=1, correction=0) == 0).float().mean().item()
+
+
 def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1, group_size: int | None = None) -> dict:
     """Length, truncation, throughput and the step-time split of one step, the same keys in every script:
     trained = the rows the update used, sampled = every row generated (they differ under DAPO's filter).
     With group_size G > 1 also the share of trained groups whose rewards are all equal (null for G = 1)."""
     train_tokens = int(trained.prompt_mask.sum() + trained.completion_mask.sum()) * num_epochs
-    zero_std = None if not group_size or group_size == 1 else \
-        (trained.rewards.view(-1, group_size).std(dim=1, correction=0) == 0).float().mean().item()
+    zero_std = frac_zero_std_groups(trained.rewards, group_size) if group_size else None
     return {"completion_length": trained.completion_lengths.float().mean().item(),
             "frac_zero_std_groups_trained": zero_std,
             "frac_truncated": 1 - trained.is_eos.float().mean().item(),
