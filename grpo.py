@@ -80,6 +80,10 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     """divide (R - group mean) by the group std (GRPO), the batch std, or nothing (Dr. GRPO)"""
     std_eps: float = 1e-4
     """eps in (R - mean) / (std + eps)"""
+    advantage: Literal["group", "passk", "best_of_group"] = "group"
+    """group: optimise pass@1 (GRPO); passk: pass@k of the group (Chen et al. 2025); best_of_group: verl's"""
+    passk_k: int = 4
+    """--advantage passk: the k of pass@k, at most group_size"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal, resample until the batch is full"""
     max_resample_rounds: int = 4
@@ -165,6 +169,7 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     check_positive(args, "temperature", "learning_rate", "max_grad_norm", "std_eps", "tis_cap")
     check_fraction(args, "top_entropy_rho", "clip_cov_frac", "kl_cov_frac")
     check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
+    check(1 <= args.passk_k <= args.group_size, "passk_k", f"pass@k needs 1 <= k <= group_size ({args.group_size})")
     check(args.entropy_tokens == "top" or args.top_entropy_rho < 1, "entropy_tokens",
           "--entropy-tokens bottom trains on the tokens outside the top --top-entropy-rho; set it below 1 (e.g. 0.2)")
     check(min(args.sapo_taus) > 0, "sapo_taus", f"gate temperatures must be > 0, got {args.sapo_taus}")
@@ -200,6 +205,36 @@ def compute_advantages(rewards: torch.Tensor, scale_rewards: str, eps: float = 1
     if scale_rewards == "batch":  # Hu et al. (REINFORCE++): the batch std is less noisy than a group's
         return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred  # Dr. GRPO: dividing by std over-weights nearly-all-right and all-wrong groups
+
+
+def passk_advantages(correct: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """Pass@k training (Chen et al. 2025): A_i is the mean normalised pass@k of the k-subsets of i's group that hold i.
+    With n_neg of the G wrong:  R = 1 - C(n_neg, k) / C(G, k) (the group's pass@k),  s = sqrt(R (1 - R)) + eps,
+        A_right = (1 - R) / s,    A_wrong = (1 - R - C(n_neg - 1, k - 1) / C(G - 1, k - 1)) / s.
+    correct (num_groups, G) of 0/1 -> (num_groups, G). k = 1 is (R_i - mean) / population std: GRPO's form."""
+    G = correct.shape[1]
+    n_neg = (G - correct.sum(dim=1, keepdim=True)).long()  # (num_groups, 1)
+    table = lambda f: torch.tensor([f(n) for n in range(G + 1)], dtype=correct.dtype, device=correct.device)[n_neg]
+    group = table(lambda n: 1 - math.comb(n, k) / math.comb(G, k))  # R
+    wrong = table(lambda n: 1 - math.comb(n - 1, k - 1) / math.comb(G - 1, k - 1) if n else 1.0)  # R of i's subsets
+    std = (group * (1 - group)).sqrt() + eps
+    return torch.where(correct.bool(), (1 - group) / std, (wrong - group) / std).to(correct.dtype)
+
+
+def pass_at_k_objective(rollout: Rollout, args: Args) -> torch.Tensor:
+    """--advantage passk (on the verifier's verdicts) or best_of_group (on the rewards), (B / G, G)."""
+    if args.advantage == "best_of_group":
+        return best_of_group_advantages(rollout.rewards.view(-1, args.group_size), args.std_eps)
+    correct = torch.tensor([r == "correct" for r in rollout.reasons], dtype=torch.float, device=rollout.rewards.device)
+    return passk_advantages(correct.view(-1, args.group_size), args.passk_k, args.std_eps)
+
+
+def best_of_group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """verl's grpo_passk: only the best sample of a group learns, A = (r_max - r_second) / (std + eps); 0 elsewhere.
+    rewards (num_groups, G) -> (num_groups, G)."""
+    top2 = rewards.topk(2, dim=1)  # values and indices, (num_groups, 2)
+    gap = (top2.values[:, :1] - top2.values[:, 1:]) / (rewards.std(dim=1, keepdim=True) + eps)  # (num_groups, 1)
+    return torch.zeros_like(rewards).scatter(1, top2.indices[:, :1], gap)
 
 
 def policy_token_loss(logp, logp_old, advantages, mask, args: Args, kl_cov_tokens=None):
@@ -464,9 +499,11 @@ def main(args: Args):
                 continue
 
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
-        rewards = rollout.rewards.view(-1, G)  # (B / G, G)
         batch_std = all_gather(rollout.rewards).std() if args.scale_rewards == "batch" else None  # over every rank
-        advantages = compute_advantages(rewards, args.scale_rewards, args.std_eps, batch_std).view(-1)  # (B,)
+        advantages = compute_advantages(rollout.rewards.view(-1, G), args.scale_rewards, args.std_eps, batch_std)
+        if args.advantage != "group":  # the group's pass@k as the objective, not each sample's pass@1
+            advantages = pass_at_k_objective(rollout, args)  # (B / G, G) like the line above, then (B,)
+        advantages = advantages.view(-1)
         mask = rollout.completion_mask.float()  # (B, C)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)

@@ -1,21 +1,30 @@
 """The side-by-side comparison and the phenomena of the Chinese survey "rl与sft", each one command on a CPU.
 
-    python benchmarks/experiments.py compare     # SFT, then every RL script from it, same budget (~15 min)
-    python benchmarks/experiments.py entropy     # (b) GRPO's entropy falls; Clip-Cov, KL-Cov, NSR keep it up
-    python benchmarks/experiments.py passk       # (c) pass@k on countdown: RL wins at k = 1, SFT catches up
-    python benchmarks/experiments.py forking     # (d) train on the top 20% entropy tokens / all / bottom 80%
-    python benchmarks/experiments.py noisy_refs  # (e) 5% / 20% wrong reference answers; flag them
-    python benchmarks/experiments.py all
+    python benchmarks/experiments.py compare     # SFT, then every RL script from it, same budget (~15 min); (a)
+    python benchmarks/experiments.py phenomena   # every token-level phenomenon on countdown_steps, 3 seeds (<= 60 min)
+    python benchmarks/experiments.py phenomena --only entropy   # one of them (each <= 15 min):
+        entropy       (b) entropy under GRPO vs Clip-Cov, KL-Cov, NSR, an entropy bonus, a higher temperature
+        passk         (c) pass@1..64 of SFT vs GRPO: RL wins at k = 1, SFT catches up at large k
+        forking       (d) the gradient on the top 20% entropy tokens / all / the bottom 80%
+        signs         PSR / NSR / W-REINFORCE: pass@1..64 and entropy
+        distill       (g) on-policy distillation vs GRPO: steps and CPU seconds to a better teacher's pass@1
+        wrongref      (e) 20% wrong reference targets, and the wrong-vs-hard audit
+        entropy_sign  does Cov(log pi, A) predict the sign of the next entropy change?
     python benchmarks/experiments.py figures     # redraw docs/figures/curve_<script>.png from compare.json, no training
 
-`compare` also holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT steps do not.
-Every experiment prints its runs as they go (which run, its progress bar, elapsed and an
-estimate of the time left), then a table, then one line per *direction* it checks: `holds` or
-`DOES NOT HOLD`, with the numbers. It exits 1 if a direction does not hold, so this file is the
-check for each phenomenon; exact numbers are not pinned. Figures go to docs/figures/, numbers to
-docs/figures/<experiment>.json. A finished run (its metrics.jsonl has an eval record) is
-reused, so an interrupted experiment continues where it stopped (--fresh re-runs everything).
-All runs evaluate pass@k with 64 samples per prompt (k = 1, 2, 4, ..., 64, unbiased).
+`compare` runs on add_noisy and holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT
+steps do not. `phenomena` runs on the reasoning task countdown_steps (benchmarks/reasoning_task.py
+checks its properties): one SFT model, then every RL arm from it for seeds 1, 2 and 3, 100 steps
+each, two runs at a time under one progress bar (elapsed, time left; each run's output in
+runs/logs/). Knobs a method needs set for this task are set once in ARMS, with the reason, never
+per seed. Every table cell is the mean over seeds with [min, max]; every figure draws the mean
+and the min-max band. Each direction prints `holds` (every seed), `mixed` (some) or `DOES NOT
+HOLD` (none) with the per-seed numbers; the command exits 1 unless every direction holds, so this
+file is the check for each phenomenon and no exact number is pinned. Figures go to docs/figures/,
+numbers to docs/figures/<name>.json. A finished run (its metrics.jsonl has an eval record) is
+reused, so an interrupted command continues where it stopped (--fresh re-runs everything).
+Evaluation: pass@k with 64 samples per prompt at T = 1 (unbiased), on 200 held-out prompts for
+`compare` and 100 for `phenomena`, the same prompts for every seed.
 """
 
 import argparse
@@ -43,24 +52,64 @@ def finished(run: str) -> bool:
     return os.path.exists(path) and any(r.get("event") == "eval" for r in read_metrics(os.path.join(REPO, run)))
 
 
-def run_all(plan: list[tuple[str, list[str], float]], fresh: bool):
-    """plan: (run folder, command, expected seconds). Runs them in order with a header per run."""
-    start, expected_done, actual_done = time.perf_counter(), 0.0, 0.0
-    todo = [p for p in plan if fresh or not finished(p[0])]
-    for run, _, _ in plan:
-        if not any(run == t[0] for t in todo):
+def run_all(plan: list[tuple], fresh: bool, jobs: int = 1):
+    """plan: (run folder, command, expected seconds[, runs it needs first]). Runs what is not finished.
+
+    jobs = 1 runs them in order with their own output. jobs > 1 runs that many at once, one thread each
+    (OMP_NUM_THREADS=1), each run's output going to runs/logs/<run>.log, under one progress bar weighted by
+    the expected seconds (elapsed and time left)."""
+    from tqdm import tqdm
+
+    plan = [(p[0], p[1], p[2], p[3] if len(p) > 3 else []) for p in plan]
+    seen, todo = set(), []
+    for run, cmd, expected, needs in plan:
+        if run in seen:
+            continue
+        seen.add(run)
+        if fresh or not finished(run):
+            todo.append((run, cmd, expected, needs))
+        else:
             print(f"reusing {run} (finished; --fresh re-runs it)")
-    for i, (run, cmd, expected) in enumerate(todo):
-        pace = actual_done / expected_done if expected_done else 1.0  # this machine vs the estimates
-        left = pace * sum(e for _, _, e in todo[i:])
-        elapsed = _mmss(time.perf_counter() - start)
-        print(f"\n=== [{i + 1}/{len(todo)}] {run}: {' '.join(cmd[1:])}\n    elapsed {elapsed}, about {_mmss(left)} "
-              "left",
-              flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, cwd=REPO, check=True)
-        actual_done, expected_done = actual_done + time.perf_counter() - t0, expected_done + expected
-    print(f"\nall runs done in {_mmss(time.perf_counter() - start)}")
+    if not todo:
+        return
+    if jobs == 1:
+        start, expected_done, actual_done = time.perf_counter(), 0.0, 0.0
+        for i, (run, cmd, expected, _) in enumerate(todo):
+            pace = actual_done / expected_done if expected_done else 1.0  # this machine vs the estimates
+            left = pace * sum(t[2] for t in todo[i:])
+            print(f"\n=== [{i + 1}/{len(todo)}] {run}: {' '.join(cmd[1:])}\n    elapsed "
+                  f"{_mmss(time.perf_counter() - start)}, about {_mmss(left)} left", flush=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=REPO, check=True)
+            actual_done, expected_done = actual_done + time.perf_counter() - t0, expected_done + expected
+        print(f"\nall runs done in {_mmss(time.perf_counter() - start)}")
+        return
+    os.makedirs(os.path.join(REPO, "runs", "logs"), exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running, waiting, failed = {}, list(todo), []
+    bar = tqdm(total=sum(t[2] for t in todo), unit="s", desc=f"{len(todo)} runs, {jobs} at a time",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| elapsed {elapsed}, about {remaining} left")
+    while waiting or running:
+        for run, (proc, expected, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[run]
+                bar.update(expected)
+                if proc.returncode:
+                    failed.append(run)
+                status = "FAILED" if proc.returncode else "done"
+                bar.write(f"{status}: {run} (log runs/logs/{os.path.basename(run)}.log)")
+        ready = [t for t in waiting if all(n not in running and all(n != w[0] for w in waiting) for n in t[3])]
+        while ready and len(running) < jobs:
+            run, cmd, expected, _ = ready.pop(0)
+            waiting.remove(next(t for t in waiting if t[0] == run))
+            log = open(os.path.join(REPO, "runs", "logs", f"{os.path.basename(run)}.log"), "w")
+            running[run] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env), expected,
+                            log)
+        time.sleep(1)
+    bar.close()
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed: {', '.join(failed)} (their logs are in runs/logs/)")
 
 
 def _mmss(seconds: float) -> str:
@@ -191,52 +240,6 @@ def compare(fresh: bool) -> bool:
     return check.ok
 
 
-def entropy(fresh: bool) -> bool:
-    """(b) Cui et al. 2025: entropy falls under GRPO; Clip-Cov / KL-Cov / NSR hold it up at similar reward."""
-    rl = ["--model", SFT, "--total-steps", "200", *EVAL]
-    plan = [sft_plan(),
-            ("runs/cmp_grpo", py("grpo.py", "--run-name", "cmp_grpo", *rl), 50),
-            ("runs/ent_clip_cov", py("grpo.py", "--run-name", "ent_clip_cov", "--cov-penalty", "clip_cov", *rl), 60),
-            ("runs/ent_kl_cov", py("grpo.py", "--run-name", "ent_kl_cov", "--cov-penalty", "kl_cov", *rl), 60),
-            ("runs/ent_nsr", py("reinforce.py", "--run-name", "ent_nsr", "--baseline", "none", "--sign-weighting",
-                                "nsr", *rl), 50),
-            # the papers' ratios pick 1 token of a ~470-token batch here; 100x as many, to see whether more acts
-            ("runs/ent_clip_cov_x100", py("grpo.py", "--run-name", "ent_clip_cov_x100", "--cov-penalty", "clip_cov",
-                                          "--clip-cov-frac", "0.02", *rl), 60),
-            ("runs/ent_kl_cov_x100", py("grpo.py", "--run-name", "ent_kl_cov_x100", "--cov-penalty", "kl_cov",
-                                        "--kl-cov-frac", "0.2", *rl), 60)]
-    run_all(plan, fresh)
-    runs = ["runs/cmp_grpo", "runs/ent_clip_cov", "runs/ent_kl_cov", "runs/ent_nsr", "runs/ent_clip_cov_x100",
-            "runs/ent_kl_cov_x100"]
-    labels = ["GRPO", "GRPO + Clip-Cov", "GRPO + KL-Cov", "NSR (reinforce.py)", "Clip-Cov, ratio 0.02 (100x)",
-              "KL-Cov, ratio 0.2 (100x)"]
-    plot(runs, labels, "entropy", passk=False)
-    fits = {label: entropy_fit(steps(run)) for label, run in zip(labels, runs)}
-    _plot_entropy_reward(runs, labels, fits)
-    print("\n| run | entropy, first 20 steps | entropy, last 20 | sampled acc., last 20 | fit a | fit b | R^2 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    summary = {}
-    for label, run in zip(labels, runs):
-        s = steps(run)
-        summary[label] = dict(h0=mean_of(s[:20], "entropy"), h1=mean_of(s[-20:], "entropy"),
-                              acc=mean_of(s[-20:], "sampled_accuracy"), **fits[label])
-        v = summary[label]
-        print(f"| {label} | {v['h0']:.3f} | {v['h1']:.3f} | {v['acc']:.3f} | {v['a']:.3f} | {v['b']:.3f} | "
-              f"{v['r2']:.2f} |")
-    check = Checks()
-    g = summary["GRPO"]
-    check("(b) GRPO's entropy falls", g["h1"] < 0.8 * g["h0"], f"{g['h0']:.3f} -> {g['h1']:.3f}")
-    for label in labels[1:]:
-        v = summary[label]
-        check(f"(b) {label} keeps entropy above GRPO's", v["h1"] > g["h1"], f"{v['h1']:.3f} vs {g['h1']:.3f}")
-        check(f"(b) {label} at similar reward (within 0.1)", abs(v["acc"] - g["acc"]) < 0.1,
-              f"sampled acc. {v['acc']:.3f} vs {g['acc']:.3f}")
-    check("(b) R = -a exp(H) + b fits GRPO's run with a > 0", g["a"] > 0 and g["r2"] > 0.5,
-          f"a {g['a']:.3f}, b {g['b']:.3f}, R^2 {g['r2']:.2f}")
-    save("entropy", {"runs": summary, "checks": check.results})
-    return check.ok
-
-
 def entropy_fit(records: list[dict]) -> dict:
     """Least squares of R = -a exp(H) + b over a run's steps (H = entropy, R = sampled accuracy).
 
@@ -256,137 +259,491 @@ def entropy_fit(records: list[dict]) -> dict:
     return {"a": -slope, "b": intercept, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
 
 
-def _plot_entropy_reward(runs, labels, fits):
-    """docs/figures/entropy_fit.png: sampled accuracy against entropy per step, and each run's fit."""
-    from common.plot import STYLE, _pyplot
+# ---- the phenomena on the reasoning task, over seeds --------------------------------------------------------
+
+CDS_SFT = "runs/sft_countdown_steps"  # trained by benchmarks/reasoning_task.py; every run below starts from it
+SEEDS = (1, 2, 3)
+RL_STEPS = 100
+CDS_EVAL = ["--num-eval-prompts", "100", "--num-eval-samples", "64", "--eval-every", "0", "--no-tensorboard"]
+# Each arm: (script, flags, task, expected seconds per run on one core). Knobs set once for this task, never per seed:
+# Clip-Cov / KL-Cov: the papers' ratios (2e-4, 2e-3) pick < 1 token of a ~4,000-token batch (their batches are
+# ~1,000x larger); 0.005 and 0.05 keep their 1:10 ratio and touch ~20 / ~200 tokens, the order of one forking token
+# per sampled completion. Entropy bonus 0.01: PPO's customary coefficient. Temperature 1.2: the kind of raise
+# POLARIS and the survey use to keep exploring (evaluation stays at T = 1 for every arm).
+ARMS = {
+    "grpo": ("grpo.py", [], "countdown_steps", 200),
+    "clip_cov": ("grpo.py", ["--cov-penalty", "clip_cov", "--clip-cov-frac", "0.005"], "countdown_steps", 210),
+    "kl_cov": ("grpo.py", ["--cov-penalty", "kl_cov", "--kl-cov-frac", "0.05"], "countdown_steps", 210),
+    "ent_bonus": ("grpo.py", ["--ent-coef", "0.01"], "countdown_steps", 200),
+    "temp": ("grpo.py", ["--temperature", "1.2"], "countdown_steps", 200),
+    "nsr": ("reinforce.py", ["--baseline", "none", "--sign-weighting", "nsr"], "countdown_steps", 190),
+    "psr": ("reinforce.py", ["--baseline", "none", "--sign-weighting", "psr"], "countdown_steps", 190),
+    "w_reinforce": ("reinforce.py", ["--baseline", "none", "--sign-weighting", "w-reinforce"], "countdown_steps", 190),
+    "top20": ("grpo.py", ["--top-entropy-rho", "0.2"], "countdown_steps", 210),
+    "bottom80": ("grpo.py", ["--top-entropy-rho", "0.2", "--entropy-tokens", "bottom"], "countdown_steps", 210),
+    "distill": ("sft_rl_mixed.py", ["--mode", "distill", "--teacher", "runs/ph_teacher"], "countdown_steps", 260),
+    "wrongref20": ("grpo.py", [], "countdown_steps_wrongref20", 200),
+}
+TEACHER = ("runs/ph_teacher", py("grpo.py", "--model", CDS_SFT, "--task", "countdown_steps", "--run-name",
+                                 "ph_teacher", "--seed", "0", "--total-steps", str(3 * RL_STEPS), *CDS_EVAL), 560)
+
+
+def arm_runs(arm: str) -> list[str]:
+    return [f"runs/ph_{arm}_s{seed}" for seed in SEEDS]
+
+
+def arm_plan(*arms: str) -> list[tuple]:
+    plan = []
+    for arm in arms:
+        script, flags, task, seconds = ARMS[arm]
+        for seed, run in zip(SEEDS, arm_runs(arm)):
+            cmd = py(script, "--model", CDS_SFT, "--task", task, "--run-name", os.path.basename(run), "--seed",
+                     str(seed), "--total-steps", str(RL_STEPS), *CDS_EVAL, *flags)
+            plan.append((run, cmd, seconds, ["runs/ph_teacher"] if arm == "distill" else []))
+    return plan
+
+
+def sft_evals() -> list[dict]:
+    """The SFT model's eval record at each seed (the same model; the spread is the sampling's), cached in its folder."""
+    import torch
+
+    from common.evaluation import evaluate
+    from common.models import load_model_and_tokenizer
+    from common.tasks import load_task
+
+    out = []
+    for seed in SEEDS:
+        path = os.path.join(REPO, CDS_SFT, f"eval_100x64_seed{seed}.json")
+        if not os.path.exists(path):
+            model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, CDS_SFT), torch.device("cpu"),
+                                                        torch.float32)
+            record = evaluate(model.eval(), tokenizer, load_task("countdown_steps"), 100, 64, seed=seed,
+                              ks=range(1, 65))
+            with open(path, "w") as f:
+                json.dump(record, f)
+        with open(path) as f:
+            out.append(json.load(f))
+    return out
+
+
+def heldout_entropy(run: str, num_prompts: int = 100, samples: int = 8) -> float:
+    """Mean per-token entropy at T = 1 of a model's samples on held-out prompts (cached in the run folder): the
+    one entropy every arm can be compared on (a run at --temperature 1.2 logs the entropy of its tempered policy)."""
+    import torch
+
+    from common.logprobs import rollout_logprobs
+    from common.models import load_model_and_tokenizer
+    from common.rollout import generate_hf
+    from common.tasks import format_prompt, load_task
+
+    path = os.path.join(REPO, run, "heldout_entropy.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["entropy"]
+    task = load_task("countdown_steps")
+    model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"), torch.float32)
+    prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in task.test["question"][:num_prompts]]
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        rollout = generate_hf(model.eval(), tokenizer, prompts, samples, 1.0, task.max_new_tokens, 1.0,
+                              [tokenizer.eos_token_id])
+        _, entropy = rollout_logprobs(model, rollout, with_entropy=True)  # (B, C)
+    value = entropy[rollout.completion_mask.bool()].mean().item()
+    with open(path, "w") as f:
+        json.dump({"entropy": value, "prompts": num_prompts, "samples": samples}, f)
+    return value
+
+
+def spread(values: list[float]) -> str:
+    """'mean [min, max]' of per-seed values."""
+    return f"{sum(values) / len(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+class SeedChecks:
+    """Directions over seeds: `holds` when every seed goes the claimed way, `mixed` when some do, else
+    `DOES NOT HOLD`; each line prints the per-seed numbers."""
+
+    def __init__(self):
+        self.results = []
+
+    def __call__(self, claim: str, per_seed: list[bool], numbers: str):
+        n = sum(bool(x) for x in per_seed)
+        verdict = "holds" if n == len(per_seed) else "mixed" if n else "DOES NOT HOLD"
+        self.results.append({"claim": claim, "verdict": verdict, "seeds_holding": n, "seeds": len(per_seed),
+                             "numbers": numbers})
+        print(f"  {verdict} ({n}/{len(per_seed)} seeds): {claim} ({numbers})")
+
+    @property
+    def ok(self) -> bool:
+        return all(r["verdict"] == "holds" for r in self.results)
+
+
+def per_seed(arm: str, fn) -> list[float]:
+    return [fn(run) for run in arm_runs(arm)]
+
+
+def final(key: str):
+    return lambda run: eval_record(run)[key]
+
+
+def last_steps(key: str, n: int = 20):
+    return lambda run: mean_of(steps(run)[-n:], key)
+
+
+def first_steps(key: str, n: int = 10):
+    return lambda run: mean_of(steps(run)[:n], key)
+
+
+def plot_bands(groups: dict[str, list[str]], keys: list[tuple[str, str]], name: str, smooth: int = 10,
+               x_key: str = "step"):
+    """docs/figures/<name>.png: per panel a step key, per group the mean over its seeds (trailing mean of `smooth`
+    steps) with the min-max band; x_key "cpu" puts cumulative step_time on the x axis instead of the step."""
+    from common.plot import STYLE, _pyplot, series
 
     plt = _pyplot()
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-        for i, (run, label) in enumerate(zip(runs, labels)):
-            s = [r for r in steps(run) if r.get("entropy") is not None]
-            hs, rs = [r["entropy"] for r in s], [r["sampled_accuracy"] for r in s]
-            ax.scatter(hs, rs, s=8, alpha=0.4, color=f"C{i}")
-            grid = sorted(hs)
-            f = fits[label]
-            ax.plot(grid, [-f["a"] * math.exp(h) + f["b"] for h in grid], color=f"C{i}",
-                    label=f"{label}: a={f['a']:.2f}, b={f['b']:.2f}")
-        ax.set_xlabel("policy entropy H (nats per token)")
-        ax.set_ylabel("sampled accuracy R (per step)")
-        ax.set_title("R = -a exp(H) + b (Cui et al. 2025), one point per step")
-        ax.legend(fontsize=9)
+        fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), dpi=100, squeeze=False)
+        for ax, (key, title) in zip(axes[0], keys):
+            for i, (label, runs) in enumerate(groups.items()):
+                curves = [series(steps(r), key, smooth=smooth) for r in runs]
+                n = min(len(c[0]) for c in curves)
+                if n == 0:
+                    continue
+                xs = curves[0][0][:n]
+                if x_key == "cpu":
+                    xs = [sum(v) / len(v) for v in zip(*[series(steps(r), "step_time", cumulative=True)[1][:n]
+                                                          for r in runs])]
+                ys = [[c[1][j] for c in curves] for j in range(n)]
+                ax.plot(xs, [sum(v) / len(v) for v in ys], color=f"C{i % 10}", label=label, linewidth=1.5)
+                ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=f"C{i % 10}", alpha=0.2)
+            ax.set_xlabel("CPU seconds of training (mean over seeds)" if x_key == "cpu" else "step")
+            ax.set_title(title)
+        axes[0][0].legend(fontsize=9)
+        fig.suptitle(f"mean of seeds {', '.join(map(str, SEEDS))}; band = min-max")
         fig.tight_layout()
-        fig.savefig(os.path.join(FIGURES, "entropy_fit.png"))
+        fig.savefig(os.path.join(FIGURES, f"{name}.png"))
         plt.close(fig)
 
 
+def plot_passk_bands(groups: dict[str, list[dict]], name: str):
+    """docs/figures/<name>.png: pass@k for k = 1..64 (log2 axis), mean over seeds and the min-max band."""
+    from common.plot import STYLE, _pyplot, passk_points
+
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+        for i, (label, records) in enumerate(groups.items()):
+            curves = [passk_points(r) for r in records]
+            ks = curves[0][0]
+            ys = [[c[1][j] for c in curves] for j in range(len(ks))]
+            ax.plot(ks, [sum(v) / len(v) for v in ys], color=f"C{i % 10}", label=label, linewidth=1.5)
+            ax.fill_between(ks, [min(v) for v in ys], [max(v) for v in ys], color=f"C{i % 10}", alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 2, 4, 8, 16, 32, 64], ["1", "2", "4", "8", "16", "32", "64"])
+        ax.minorticks_off()
+        ax.set_xlabel("k (samples per prompt, log2 scale)")
+        ax.set_ylabel("pass@k (unbiased, T = 1, 100 held-out problems)")
+        ax.set_title(f"countdown_steps, mean of seeds {', '.join(map(str, SEEDS))}; band = min-max")
+        ax.legend(loc="best")
+        fig.tight_layout()
+        fig.savefig(os.path.join(FIGURES, f"{name}.png"))
+        plt.close(fig)
+
+
+def arm_table(arms: dict[str, str], columns: dict[str, object], sft: dict | None = None) -> str:
+    """A markdown table: one row per arm, each cell 'mean [min, max]' over the seeds."""
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    if sft is not None:
+        lines.append("| SFT model (one model; spread = eval sampling) | " +
+                     " | ".join(spread(sft[c]) if c in sft else "-" for c in columns) + " |")
+    for arm, label in arms.items():
+        lines.append(f"| {label} (`runs/ph_{arm}_s*`) | " +
+                     " | ".join(spread(per_seed(arm, fn)) for fn in columns.values()) + " |")
+    return "\n".join(lines)
+
+
+def entropy(fresh: bool) -> bool:
+    """(b) Cui et al. 2025: entropy falls under GRPO; Clip-Cov / KL-Cov / NSR / an entropy bonus / a higher
+    temperature each try to hold it up. Entropy compared at T = 1 on held-out prompts, after training."""
+    arms = {"grpo": "GRPO", "clip_cov": "Clip-Cov", "kl_cov": "KL-Cov", "nsr": "NSR (reinforce.py)",
+            "ent_bonus": "entropy bonus 0.01", "temp": "rollout temperature 1.2"}
+    run_all(arm_plan(*arms), fresh, jobs=2)
+    sft_h = heldout_entropy(CDS_SFT)
+    columns = {"held-out entropy, T = 1": heldout_entropy, "logged entropy, first 10 steps": first_steps("entropy"),
+               "last 20": last_steps("entropy"), "pass@1": final("pass@1"), "pass@64": final("pass@64")}
+    print(f"\nSFT model: held-out entropy {sft_h:.3f}\n" + arm_table(arms, columns))
+    plot_bands({label: arm_runs(arm) for arm, label in arms.items()},
+               [("entropy", "entropy of the sampling policy (logged, per step)"),
+                ("sampled_accuracy", "sampled pass@1 of the rollouts")], "ph_entropy")
+    grpo_runs = arm_runs("grpo")
+    fits = [entropy_fit(steps(r)) for r in grpo_runs]
+    check = SeedChecks()
+    g_h = per_seed("grpo", heldout_entropy)
+    check("(b) GRPO's entropy falls below the SFT model's", [h < sft_h for h in g_h],
+          f"held-out entropy {sft_h:.3f} -> {spread(g_h)}")
+    g_p1 = per_seed("grpo", final("pass@1"))
+    for arm in list(arms)[1:]:
+        h, p1 = per_seed(arm, heldout_entropy), per_seed(arm, final("pass@1"))
+        check(f"(b) {arms[arm]} keeps entropy above GRPO's", [a > b for a, b in zip(h, g_h)],
+              f"{spread(h)} vs {spread(g_h)}")
+        check(f"(b) {arms[arm]} at similar reward (pass@1 within 0.03 of GRPO's or above)",
+              [a >= b - 0.03 for a, b in zip(p1, g_p1)], f"pass@1 {spread(p1)} vs {spread(g_p1)}")
+    check("(b) R = -a exp(H) + b fits GRPO's run with a > 0", [f["a"] > 0 for f in fits],
+          "a " + ", ".join(f"{f['a']:.2f}" for f in fits) + "; R^2 " + ", ".join(f"{f['r2']:.2f}" for f in fits))
+    save("ph_entropy", {"sft_heldout_entropy": sft_h, "arms": {arm: {"label": label, **{
+        c: per_seed(arm, fn) for c, fn in columns.items()}} for arm, label in arms.items()},
+        "grpo_fits": fits, "checks": check.results})
+    return check.ok
+
+
 def passk(fresh: bool) -> bool:
-    """(c) Yue et al. 2025 on countdown (many answers, room at large k): RL wins pass@1, SFT catches up at k = 64."""
-    plan = [("runs/pk_sft_countdown", py("sft.py", "--task", "countdown", "--run-name", "pk_sft_countdown", *EVAL),
-             420),
-            ("runs/pk_grpo_countdown", py("grpo.py", "--task", "countdown", "--model", "runs/pk_sft_countdown",
-                                          "--run-name", "pk_grpo_countdown", "--total-steps", "200", *EVAL), 200)]
-    run_all(plan, fresh)
-    runs, labels = ["runs/pk_sft_countdown", "runs/pk_grpo_countdown"], ["SFT (countdown)", "GRPO from it"]
-    plot(runs, labels, "passk_countdown", curves=False)
-    print("\n" + table(list(zip(labels, runs)), keys=("accuracy", "pass@1", "pass@4", "pass@16", "pass@64")))
-    sft, rl = eval_record(runs[0]), eval_record(runs[1])
-    check = Checks()
-    check("(c) RL wins at k = 1", rl["pass@1"] > sft["pass@1"], f"{rl['pass@1']:.3f} vs SFT {sft['pass@1']:.3f}")
-    check("(c) SFT catches up or wins at k = 64", sft["pass@64"] >= rl["pass@64"] - 0.02,
-          f"SFT {sft['pass@64']:.3f} vs RL {rl['pass@64']:.3f}")
-    gap1, gap64 = rl["pass@1"] - sft["pass@1"], rl["pass@64"] - sft["pass@64"]
-    check("(c) RL's lead shrinks as k grows", gap64 < gap1, f"lead {gap1:+.3f} at k=1, {gap64:+.3f} at k=64")
-    save("passk_countdown", {"runs": {r: eval_record(r) for r in runs}, "checks": check.results})
+    """(c) Yue et al. 2025: RL wins pass@1; the SFT model catches up as k grows (k = 1..64)."""
+    run_all(arm_plan("grpo"), fresh, jobs=2)
+    sft, rl = sft_evals(), [eval_record(r) for r in arm_runs("grpo")]
+    ks = (1, 4, 16, 64)
+    print("\n| model | " + " | ".join(f"pass@{k}" for k in ks) + " |\n|---|" + "---:|" * len(ks))
+    for label, records in (("SFT", sft), ("GRPO", rl)):
+        print(f"| {label} | " + " | ".join(spread([r[f"pass@{k}"] for r in records]) for k in ks) + " |")
+    plot_passk_bands({"SFT (one model; band = eval sampling)": sft, "GRPO from it": rl}, "ph_passk")
+    cross = [next((k for k in range(1, 65) if s[f"pass@{k}"] >= r[f"pass@{k}"]), None) for s, r in zip(sft, rl)]
+    check = SeedChecks()
+    check("(c) RL wins at k = 1", [r["pass@1"] > s["pass@1"] for s, r in zip(sft, rl)],
+          f"GRPO {spread([r['pass@1'] for r in rl])} vs SFT {spread([s['pass@1'] for s in sft])}")
+    check("(c) SFT catches up or wins at k = 64", [s["pass@64"] >= r["pass@64"] for s, r in zip(sft, rl)],
+          f"SFT {spread([s['pass@64'] for s in sft])} vs GRPO {spread([r['pass@64'] for r in rl])}")
+    check("(c) RL's lead shrinks as k grows", [r["pass@64"] - s["pass@64"] < r["pass@1"] - s["pass@1"]
+                                               for s, r in zip(sft, rl)],
+          "first k where SFT >= GRPO, per seed: " + ", ".join(str(c) for c in cross))
+    save("ph_passk", {"sft": sft, "grpo": rl, "crossover_k": cross, "checks": check.results})
     return check.ok
 
 
 def forking(fresh: bool) -> bool:
     """(d) Wang et al. 2025: the gradient on the top 20% highest-entropy tokens vs all tokens vs the bottom 80%."""
-    rl = ["--model", SFT, "--total-steps", "200", *EVAL]
-    plan = [sft_plan(),
-            ("runs/cmp_grpo", py("grpo.py", "--run-name", "cmp_grpo", *rl), 50),
-            ("runs/fork_top20", py("grpo.py", "--run-name", "fork_top20", "--top-entropy-rho", "0.2", *rl), 60),
-            ("runs/fork_bottom80", py("grpo.py", "--run-name", "fork_bottom80", "--top-entropy-rho", "0.2",
-                                      "--entropy-tokens", "bottom", *rl), 60)]
-    run_all(plan, fresh)
-    runs, labels = ["runs/fork_top20", "runs/cmp_grpo", "runs/fork_bottom80"], ["top 20%", "all tokens", "bottom 80%"]
-    plot(runs, labels, "forking", passk=False)
-    print("\n" + table(list(zip(labels, runs)), keys=("accuracy", "pass@1", "pass@8")))
-    top, every, bottom = (eval_record(r) for r in runs)
-    check = Checks()
-    check("(d) the top 20% alone learns about as well as all tokens", top["pass@1"] >= every["pass@1"] - 0.03,
-          f"pass@1 {top['pass@1']:.3f} vs {every['pass@1']:.3f}")
-    check("(d) the bottom 80% alone learns less", bottom["pass@1"] < every["pass@1"] - 0.03,
-          f"pass@1 {bottom['pass@1']:.3f} vs {every['pass@1']:.3f}")
-    save("forking", {"runs": {r: eval_record(r) for r in runs}, "checks": check.results})
+    arms = {"top20": "top 20% by entropy", "grpo": "all tokens", "bottom80": "bottom 80%"}
+    run_all(arm_plan(*arms), fresh, jobs=2)
+    columns = {"greedy": final("accuracy"), "pass@1": final("pass@1"), "pass@8": final("pass@8"),
+               "pass@64": final("pass@64")}
+    print("\n" + arm_table(arms, columns, {k: [e[v] for e in sft_evals()] for k, v in
+                                           (("greedy", "accuracy"), ("pass@1", "pass@1"), ("pass@8", "pass@8"),
+                                            ("pass@64", "pass@64"))}))
+    plot_bands({label: arm_runs(arm) for arm, label in arms.items()},
+               [("sampled_accuracy", "sampled pass@1 of the rollouts"), ("entropy", "entropy (logged)")],
+               "ph_forking")
+    top, every, bottom = (per_seed(a, final("pass@1")) for a in arms)
+    check = SeedChecks()
+    check("(d) the top 20% alone learns about as well as all tokens (pass@1 within 0.02 or above)",
+          [t >= a - 0.02 for t, a in zip(top, every)], f"{spread(top)} vs {spread(every)}")
+    check("(d) the bottom 80% alone learns less than all tokens", [b < a for b, a in zip(bottom, every)],
+          f"{spread(bottom)} vs {spread(every)}")
+    save("ph_forking", {"arms": {a: per_seed(a, final("pass@1")) for a in arms}, "checks": check.results})
     return check.ok
 
 
-def noisy_refs(fresh: bool) -> bool:
-    """(e) 5% and 20% of the RL prompts' reference answers wrong: what RL learns, what it costs, and the audit."""
+def signs(fresh: bool) -> bool:
+    """Zhu et al. 2025: positive samples only (PSR) sharpen and narrow; negatives only (NSR) keep pass@k at large
+    k and the entropy; W-REINFORCE (lambda = 0.1 on positives) sits between."""
+    arms = {"psr": "PSR", "nsr": "NSR", "w_reinforce": "W-REINFORCE (lambda 0.1)", "grpo": "GRPO"}
+    run_all(arm_plan(*arms), fresh, jobs=2)
+    sft = sft_evals()
+    columns = {"pass@1": final("pass@1"), "pass@8": final("pass@8"), "pass@64": final("pass@64"),
+               "held-out entropy": heldout_entropy}
+    print("\n" + arm_table(arms, columns, {f"pass@{k}": [e[f"pass@{k}"] for e in sft] for k in (1, 8, 64)}))
+    plot_passk_bands({"SFT": sft, **{label: [eval_record(r) for r in arm_runs(arm)] for arm, label in arms.items()}},
+                     "ph_signs_passk")
+    p1 = {a: per_seed(a, final("pass@1")) for a in arms}
+    p64 = {a: per_seed(a, final("pass@64")) for a in arms}
+    h = {a: per_seed(a, heldout_entropy) for a in arms}
+    s1, s64 = [e["pass@1"] for e in sft], [e["pass@64"] for e in sft]
+    check = SeedChecks()
+    check("PSR's entropy ends below NSR's", [a < b for a, b in zip(h["psr"], h["nsr"])],
+          f"{spread(h['psr'])} vs {spread(h['nsr'])}")
+    check("NSR's pass@64 is above PSR's", [a > b for a, b in zip(p64["nsr"], p64["psr"])],
+          f"{spread(p64['nsr'])} vs {spread(p64['psr'])}")
+    check("NSR keeps the SFT model's pass@64 (within 0.02 or above)", [a >= b - 0.02 for a, b in zip(p64["nsr"], s64)],
+          f"{spread(p64['nsr'])} vs SFT {spread(s64)}")
+    for arm in ("psr", "nsr", "w_reinforce"):
+        check(f"{arms[arm]} raises pass@1 above the SFT model's", [a > b for a, b in zip(p1[arm], s1)],
+              f"{spread(p1[arm])} vs SFT {spread(s1)}")
+    save("ph_signs", {"pass@1": p1, "pass@64": p64, "heldout_entropy": h, "sft": sft, "checks": check.results})
+    return check.ok
+
+
+def distill(fresh: bool) -> bool:
+    """(g) On-policy distillation (sft_rl_mixed.py --mode distill) vs GRPO: steps and CPU seconds to the teacher's
+    pass@1. The teacher is GRPO trained 3x as long (300 steps, seed 0), better than where 100 GRPO steps end."""
+    run_all([(*TEACHER, []), *arm_plan("grpo", "distill")], fresh, jobs=2)
+    target = eval_record(TEACHER[0])["pass@1"]
+
+    def reach(run: str, window: int = 10) -> tuple[int | None, float | None]:
+        """First step whose trailing mean (window steps) of sampled pass@1 reaches the teacher's, and the CPU
+        seconds of training up to it."""
+        s = steps(run)
+        _, acc = series(s, "sampled_accuracy", smooth=window)
+        _, cpu = series(s, "step_time", cumulative=True)
+        i = next((i for i, a in enumerate(acc) if i >= window - 1 and a >= target), None)
+        return (None, None) if i is None else (s[i]["step"], cpu[i])
+
+    from common.plot import series
+
+    arms = {"grpo": "GRPO", "distill": "on-policy distillation"}
+    print(f"\nteacher (`{TEACHER[0]}`): pass@1 {target:.3f}\n\n| run | pass@1 | steps to the teacher's pass@1 | "
+          "CPU s to it | CPU s per step |\n|---|---:|---:|---:|---:|")
+    result = {}
+    for arm, label in arms.items():
+        reached = [reach(r) for r in arm_runs(arm)]
+        p1 = per_seed(arm, final("pass@1"))
+        per_step = per_seed(arm, lambda r: mean_of(steps(r), "step_time"))
+        result[arm] = {"pass@1": p1, "reached": reached, "step_seconds": per_step}
+        print(f"| {label} | {spread(p1)} | {', '.join(str(s) if s else 'never' for s, _ in reached)} | "
+              f"{', '.join(f'{c:.0f}' if c else '-' for _, c in reached)} | {spread(per_step)} |")
+    plot_bands({"teacher (one run)": [TEACHER[0]], **{label: arm_runs(arm) for arm, label in arms.items()}},
+               [("sampled_accuracy", "sampled pass@1 of the rollouts")], "ph_distill", x_key="cpu")
+    g_end = result["grpo"]["pass@1"]
+    inf = float("inf")
+    check = SeedChecks()
+    check("(g) the teacher is better than where GRPO ends", [target > g for g in g_end],
+          f"teacher {target:.3f} vs GRPO {spread(g_end)}")
+    check("(g) distillation reaches the teacher's pass@1 in fewer CPU seconds than GRPO",
+          [(d[1] or inf) < (g[1] or inf) for d, g in zip(result["distill"]["reached"], result["grpo"]["reached"])],
+          "CPU s per seed, distill vs GRPO: " + "; ".join(
+              f"{d[1] or inf:.0f} vs {g[1] or inf:.0f}" for d, g in zip(result["distill"]["reached"],
+                                                                       result["grpo"]["reached"])))
+    check("(g) distillation ends at a higher pass@1 than GRPO", [d > g for d, g in
+                                                                 zip(result["distill"]["pass@1"], g_end)],
+          f"{spread(result['distill']['pass@1'])} vs {spread(g_end)}")
+    save("ph_distill", {"teacher_pass@1": target, **result, "checks": check.results})
+    return check.ok
+
+
+def wrongref(fresh: bool) -> bool:
+    """(e) 20% of the training problems with a wrong reference target: what it costs, what RL learns on them, and
+    the audit that tells a wrong reference (samples agree, never match) from a hard prompt (samples disagree)."""
     import torch
 
     from benchmarks.reference_audit import audit, summary
     from common.models import load_model_and_tokenizer
     from common.tasks import load_task
 
-    rl = ["--model", SFT, "--total-steps", "200", *EVAL]
-    plan = [sft_plan(),
-            ("runs/cmp_grpo", py("grpo.py", "--run-name", "cmp_grpo", *rl), 50),
-            ("runs/wrongref5", py("grpo.py", "--run-name", "wrongref5", "--task", "add_noisy_wrongref5", *rl), 50),
-            ("runs/wrongref20", py("grpo.py", "--run-name", "wrongref20", "--task", "add_noisy_wrongref20", *rl), 50)]
-    run_all(plan, fresh)
-    runs = {"clean": "runs/cmp_grpo", "5% wrong": "runs/wrongref5", "20% wrong": "runs/wrongref20"}
-    plot(list(runs.values()), list(runs), "noisy_refs", passk=False)
-    task = load_task("add_noisy_wrongref20")
+    run_all(arm_plan("grpo", "wrongref20"), fresh, jobs=2)
+    task = load_task("countdown_steps_wrongref20")
     results = {}
-    print("\n| references | test pass@1 (clean) | greedy | zero-std groups, last 50 steps | on wrong-reference "
-          "prompts: samples = the wrong reference | = the true answer | flagged (precision / recall) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for label, run in runs.items():
-        model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"), torch.float32)
-        records = audit(model, tokenizer, task, num_prompts=600, samples=16, agree=0.5, rarely=0.25)
-        wrong = [r for r in records if not r["reference_is_right"]]
-        follows = sum(r["right_share"] for r in wrong) / len(wrong)  # share of samples equal to the wrong reference
-        truth = sum(r["truth_share"] for r in wrong) / len(wrong)  # share of samples equal to the true answer
-        s, e = summary(records), eval_record(run)
-        results[label] = dict(test_pass1=e["pass@1"], greedy=e["accuracy"],
-                              zero_std=mean_of(steps(run)[-50:], "frac_zero_std_groups"),
-                              follows_wrong=follows, says_truth=truth, audit=s)
-        v = results[label]
-        print(f"| {label} | {v['test_pass1']:.3f} | {v['greedy']:.3f} | {v['zero_std']:.3f} | {follows:.3f} | "
-              f"{truth:.3f} | {s['flagged']} of {len(wrong)} wrong ({s['precision']:.2f} / {s['recall']:.2f}) |")
-    check = Checks()
-    clean, w20 = results["clean"], results["20% wrong"]
-    check("(e) wrong references cost clean test accuracy", w20["test_pass1"] < clean["test_pass1"],
-          f"pass@1 {w20['test_pass1']:.3f} (20% wrong) vs {clean['test_pass1']:.3f} (clean)")
-    check("(e) RL trained on them samples the wrong reference on those prompts more than the clean run does",
-          w20["follows_wrong"] > clean["follows_wrong"], f"{w20['follows_wrong']:.3f} vs {clean['follows_wrong']:.3f}")
-    check("(e) the audit finds wrong references (precision > 0.5, recall > 0.3) on the clean run's model",
-          (clean["audit"]["precision"] or 0) > 0.5 and (clean["audit"]["recall"] or 0) > 0.3,
-          f"precision {clean['audit']['precision']}, recall {clean['audit']['recall']}")
-    save("noisy_refs", {"runs": results, "checks": check.results})
+    for arm in ("grpo", "wrongref20"):
+        for run in arm_runs(arm):
+            path = os.path.join(REPO, run, "reference_audit.json")
+            if not os.path.exists(path):
+                model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"),
+                                                            torch.float32)
+                records = audit(model, tokenizer, task, num_prompts=300, samples=16, agree=0.5, rarely=0.25)
+                wrong = [r for r in records if not r["reference_is_right"]]
+                with open(path, "w") as f:
+                    json.dump({"summary": summary(records), "follows_wrong": mean_of(wrong, "right_share"),
+                               "true_target": mean_of(wrong, "truth_share"), "wrong": len(wrong)}, f)
+            with open(path) as f:
+                results[run] = json.load(f)
+    print("\n| references | clean test pass@1 | zero-std groups, last 50 steps | on wrong-reference prompts: "
+          "samples right by the wrong reference | ending at the true target | flagged: precision / recall |\n"
+          "|---|---:|---:|---:|---:|---:|")
+    rows = {}
+    for arm, label in (("grpo", "all right"), ("wrongref20", "20% wrong")):
+        rs = arm_runs(arm)
+        rows[arm] = {"pass@1": per_seed(arm, final("pass@1")),
+                     "zero_std": per_seed(arm, last_steps("frac_zero_std_groups", 50)),
+                     "follows_wrong": [results[r]["follows_wrong"] for r in rs],
+                     "true_target": [results[r]["true_target"] for r in rs],
+                     "precision": [results[r]["summary"]["precision"] or 0.0 for r in rs],
+                     "recall": [results[r]["summary"]["recall"] or 0.0 for r in rs]}
+        v = rows[arm]
+        print(f"| {label} | {spread(v['pass@1'])} | {spread(v['zero_std'])} | {spread(v['follows_wrong'])} | "
+              f"{spread(v['true_target'])} | {spread(v['precision'])} / {spread(v['recall'])} |")
+    plot_bands({"all references right": arm_runs("grpo"), "20% wrong": arm_runs("wrongref20")},
+               [("sampled_accuracy", "sampled pass@1 (against the references the run was given)"),
+                ("frac_zero_std_groups", "groups without signal")], "ph_wrongref")
+    clean, dirty = rows["grpo"], rows["wrongref20"]
+    check = SeedChecks()
+    check("(e) wrong references cost clean test pass@1", [d < c for d, c in zip(dirty["pass@1"], clean["pass@1"])],
+          f"{spread(dirty['pass@1'])} vs {spread(clean['pass@1'])}")
+    check("(e) RL on them satisfies the wrong reference more than the clean run does",
+          [d > c for d, c in zip(dirty["follows_wrong"], clean["follows_wrong"])],
+          f"{spread(dirty['follows_wrong'])} vs {spread(clean['follows_wrong'])}")
+    check("(e) the audit finds wrong references (precision > 0.5, recall > 0.3)",
+          [p > 0.5 and r > 0.3 for p, r in zip(dirty["precision"], dirty["recall"])],
+          f"precision {spread(dirty['precision'])}, recall {spread(dirty['recall'])}")
+    save("ph_wrongref", {"runs": rows, "checks": check.results})
     return check.ok
 
 
-EXPERIMENTS = {"compare": compare, "entropy": entropy, "passk": passk, "forking": forking, "noisy_refs": noisy_refs}
+def entropy_sign(fresh: bool) -> bool:
+    """The article's diagnostic: does sign(-Cov(log pi, A)) at step t (Cui et al.'s first-order prediction) match
+    sign(entropy at t+1 - entropy at t)? Read from the GRPO runs' tokens/cov_logp_adv; a rate near 0.5 is chance."""
+    run_all(arm_plan("grpo"), fresh, jobs=2)
+    out = []
+    for seed, run in zip(SEEDS, arm_runs("grpo")):
+        rows = [r for r in steps(run) if r.get("entropy") is not None]
+        pairs = [(-a["tokens/cov_logp_adv"], b["entropy"] - a["entropy"]) for a, b in zip(rows, rows[1:])]
+        out.append({"seed": seed, "sign_match": sum((p > 0) == (m > 0) for p, m in pairs) / len(pairs),
+                    "cov_mean": -sum(p for p, _ in pairs) / len(pairs),
+                    "entropy_first": rows[0]["entropy"], "entropy_last": rows[-1]["entropy"]})
+        print(f"  seed {seed}: the sign matches at {out[-1]['sign_match']:.2f} of {len(pairs)} steps; mean Cov "
+              f"{out[-1]['cov_mean']:+.4f}; entropy {rows[0]['entropy']:.3f} -> {rows[-1]['entropy']:.3f}")
+    check = SeedChecks()
+    check("the sign of the next entropy change is predicted better than chance (> 0.55)",
+          [o["sign_match"] > 0.55 for o in out], ", ".join(f"{o['sign_match']:.2f}" for o in out))
+    check("over the run, a positive mean Cov(log pi, A) comes with falling entropy",
+          [(o["cov_mean"] > 0) == (o["entropy_last"] < o["entropy_first"]) for o in out],
+          "; ".join(f"Cov {o['cov_mean']:+.4f}, dH {o['entropy_last'] - o['entropy_first']:+.3f}" for o in out))
+    save("ph_entropy_sign", {"seeds": out, "checks": check.results})
+    return check.ok
+
+
+PHENOMENA = {"entropy": entropy, "passk": passk, "forking": forking, "signs": signs, "distill": distill,
+             "wrongref": wrongref, "entropy_sign": entropy_sign}
+
+PHENOMENON_ARMS = {"entropy": ["grpo", "clip_cov", "kl_cov", "nsr", "ent_bonus", "temp"], "passk": ["grpo"],
+                   "forking": ["grpo", "top20", "bottom80"], "signs": ["grpo", "psr", "nsr", "w_reinforce"],
+                   "distill": ["grpo", "distill"], "wrongref": ["grpo", "wrongref20"], "entropy_sign": ["grpo"]}
+
+
+def phenomena(only: str | None, fresh: bool) -> bool:
+    """Every phenomenon on countdown_steps over SEEDS: one plan (the SFT model first, then every run, two at a
+    time), then each phenomenon's table, figure and verdicts from the finished runs."""
+    from benchmarks.reasoning_task import SFT_FLAGS
+
+    names = [only] if only else list(PHENOMENA)
+    arms = list(dict.fromkeys(a for n in names for a in PHENOMENON_ARMS[n]))
+    plan = [(CDS_SFT, py("sft.py", *SFT_FLAGS), 560)]
+    plan += [(*TEACHER, [CDS_SFT])] if "distill" in arms else []
+    plan += [(run, cmd, sec, [CDS_SFT, *needs]) for run, cmd, sec, needs in arm_plan(*arms)]
+    run_all(plan, fresh, jobs=2)
+    ok = True
+    for name in names:
+        print(f"\n##### {name}")
+        ok = PHENOMENA[name](False) and ok
+    return ok
+
+
+EXPERIMENTS = {"compare": compare}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all", "figures"])
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "phenomena", "figures"])
+    parser.add_argument("--only", choices=list(PHENOMENA), help="phenomena: just this one")
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs too")
     args = parser.parse_args()
     if args.experiment == "figures":  # redraw from the saved numbers; checks nothing
         figures()
         return
-    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
-    ok = True
-    for name in names:
-        print(f"\n##### {name}")
-        ok = EXPERIMENTS[name](args.fresh) and ok
-    print("\nevery direction holds" if ok else "\nsome direction does not hold (see DOES NOT HOLD above)")
+    if args.only and args.experiment != "phenomena":
+        parser.error("--only picks one of the phenomena: `experiments.py phenomena --only entropy`")
+    start = time.perf_counter()
+    if args.experiment == "phenomena":
+        ok = phenomena(args.only, args.fresh)
+    else:
+        print(f"\n##### {args.experiment}")
+        ok = EXPERIMENTS[args.experiment](args.fresh)
+    print(f"\n{_mmss(time.perf_counter() - start)} wall")
+    print("\nevery direction holds" if ok else "\nsome direction does not hold (see above)")
     sys.exit(0 if ok else 1)
 
 

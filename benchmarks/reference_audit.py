@@ -17,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 
 import torch
@@ -46,6 +47,19 @@ def classify(answers: list[str], correct: list[float], agree: float, rarely: flo
     return "ok", top_share, right_share
 
 
+def final_answer(verifier: str, completion: str) -> str:
+    """What samples agree or disagree on: the whole answer, or for countdown_steps the last result (many
+    paths reach one target, so the paths themselves rarely agree).
+
+    >>> final_answer("countdown_steps", "14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38"), final_answer("number", " 27")
+    ('38', '27')
+    """
+    if verifier == "countdown_steps":
+        results = re.findall(r"=\s*(-?\d+)", completion)
+        return results[-1] if results else completion.strip()
+    return completion.strip()
+
+
 @torch.no_grad()
 def audit(model, tokenizer, task, num_prompts: int, samples: int, agree: float, rarely: float, seed: int = 0,
           batch: int = 64) -> list[dict]:
@@ -61,15 +75,17 @@ def audit(model, tokenizer, task, num_prompts: int, samples: int, agree: float, 
         answers = [rows["answer"][i] for i in out.prompt_index.tolist()]
         _, terms, _ = score_completions(task.verifier, out.completions, answers, out.is_eos.tolist())
         for i in range(len(rows)):
-            comps = out.completions[i * samples:(i + 1) * samples]
+            comps = [final_answer(task.verifier, c) for c in out.completions[i * samples:(i + 1) * samples]]
             label, top, right = classify(comps, terms["correct"][i * samples:(i + 1) * samples], agree, rarely)
             record = {"question": rows["question"][i], "reference": rows["answer"][i], "label": label,
                       "top_share": top, "right_share": right,
-                      "top_answer": collections.Counter(c.strip() for c in comps).most_common(1)[0][0]}
-            if "expert" in rows.column_names:  # the known-clean answer: to score the audit, never to flag
-                truth = rows["expert"][i].strip()
-                record["reference_is_right"] = truth == rows["answer"][i].strip()
-                record["truth_share"] = sum(c.strip() == truth for c in comps) / samples
+                      "top_answer": collections.Counter(comps).most_common(1)[0][0]}
+            if "expert" in rows.column_names:  # the known-clean completion: to score the audit, never to flag
+                expert = rows["expert"][i]
+                _, expert_terms, _ = score_completions(task.verifier, [expert], [rows["answer"][i]], [True])
+                record["reference_is_right"] = expert_terms["correct"][0] == 1  # the verifier accepts the truth
+                truth = final_answer(task.verifier, expert)
+                record["truth_share"] = sum(c == truth for c in comps) / samples
             records.append(record)
     return records
 

@@ -278,9 +278,9 @@ def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product
     return steps
 
 
-def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: int = 500, size: int = 4,
-                              max_number: int = 15, max_target: int = 99, partial_credit: bool = False,
-                              name: str = "countdown_steps") -> Task:
+def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: int = 500, sizes=(3,),
+                              max_number: int = 25, max_target: int = 99, partial_credit: bool = False,
+                              wrong_reference_frac: float = 0.0, name: str = "countdown_steps") -> Task:
     """Countdown written as steps, the reasoning task of the token-level phenomena (docs/phenomena.md).
 
     "14 2 9 17->38": "14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38" is right (each step checks, and so
@@ -296,19 +296,27 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: 
       lessons are about (forking tokens, covariance, which tokens a loss pushes up or down).
     - The teacher is right but shows one of many paths (a random one), so the SFT model samples
       several: pass@1 is well below pass@k, and RL has headroom a verifier can reward.
+    - Three numbers from 1..25 (two steps, ~23 tokens): with four numbers from 1..15 the tiny model
+      plans a path to the target too rarely (SFT pass@1 0.11) for 100 GRPO steps to move it (0.11,
+      0.16, 0.11 over 3 seeds; a half-three mix: flat at 0.13). `sizes` picks the counts (half each,
+      in a `slice` column when there are several): an out-of-distribution test with one more number.
+      There are ~21,000 distinct three-number problems: num_train stays below that.
     - Held out means unseen: train and test share no problem (numbers as a multiset, and the
       target); the test split is the first num_test problems drawn from Random(seed), so every
       run, whatever its --seed, is evaluated on the same problems.
     - `partial_credit` (task countdown_steps_partial): the training reward is the fraction of the
       steps that check (the article's "pass rate of the test cases" reward); evaluation still
       counts only fully right completions.
+    - `wrong_reference_frac` > 0 (tasks countdown_steps_wrongref5/20): that share of the training
+      problems gets a wrong reference target (target + 1; the prompt still shows the true one), the
+      dirty labels of "rl与sft"; `expert` keeps the clean demonstration, and the test split is clean.
     """
-    rng = random.Random(seed)
+    rng, corrupt = random.Random(seed), random.Random(seed + 2)
     seen, splits = set(), []
-    for count in (num_test, num_train):
-        rows = {"question": [], "answer": [], "demonstration": []}
+    for is_train, count in ((False, num_test), (True, num_train)):
+        rows = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
         while len(rows["question"]) < count:
-            numbers = [rng.randint(1, max_number) for _ in range(size)]
+            numbers = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
             steps = countdown_steps_solution(rng, numbers)
             target = int(steps[-1].split("=")[1])  # the last step leaves no pool to list
             key = (tuple(sorted(numbers)), target)
@@ -317,11 +325,18 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 60_000, num_test: 
             seen.add(key)
             question = f"{' '.join(map(str, numbers))}->{target}"
             rows["question"].append(question)
-            rows["answer"].append(question)  # the verifier re-checks every step against numbers and target
+            wrong = is_train and corrupt.random() < wrong_reference_frac
+            # the verifier re-checks every step against the numbers and the target of the answer
+            rows["answer"].append(f"{' '.join(map(str, numbers))}->{target + 1}" if wrong else question)
             rows["demonstration"].append(" ".join(steps))
+            rows["expert"].append(" ".join(steps))
+            rows["slice"].append(f"{len(numbers)}_numbers")
+        if len(sizes) == 1:
+            del rows["slice"]
         splits.append(Dataset.from_dict(rows))
     test, train = splits
-    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=56, partial_credit=partial_credit)
+    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=56, partial_credit=partial_credit,
+                slices=tuple(f"{n}_numbers" for n in sizes) if len(sizes) > 1 else (), has_expert=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,6 +399,10 @@ TASKS: dict[str, Callable[[int], Task]] = {
     "add": lambda seed: make_addition_task("add", None, seed),
     "countdown": make_countdown_task,
     "countdown_steps": make_countdown_steps_task,
+    "countdown_steps_wrongref5": lambda seed: make_countdown_steps_task(seed, wrong_reference_frac=0.05,
+                                                                        name="countdown_steps_wrongref5"),
+    "countdown_steps_wrongref20": lambda seed: make_countdown_steps_task(seed, wrong_reference_frac=0.2,
+                                                                         name="countdown_steps_wrongref20"),
     "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
                                                                       name="countdown_steps_partial"),
     "gsm8k": make_gsm8k_task,

@@ -181,6 +181,7 @@ def test_evaluate_rejects_ks_beyond_the_samples(two_slice_task, tokenizer):
 
 
 def test_countdown_steps_task_is_unseen_right_and_long_enough(tokenizer):
+    from common.tasks import make_countdown_steps_task
     from common.rewards import countdown_steps_verifier
 
     task = load_task("countdown_steps")
@@ -192,5 +193,9 @@ def test_countdown_steps_task_is_unseen_right_and_long_enough(tokenizer):
     lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in task.train["demonstration"][:5000]]
     assert sum(lengths) / len(lengths) >= 20
     assert load_task("countdown_steps_partial").partial_credit and not task.partial_credit
+    # `sizes` draws the count of numbers (half each) and labels the slice: an out-of-distribution test split
+    mixed = make_countdown_steps_task(num_train=2000, num_test=400, sizes=(3, 4))
+    assert 0.4 < mixed.test["slice"].count("3_numbers") / len(mixed.test) < 0.6
+    assert all(len(q.split("->")[0].split()) == int(s[0]) for q, s in zip(mixed.test["question"], mixed.test["slice"]))
     # the held-out problems do not depend on anything a run's --seed changes
     assert load_task("countdown_steps").test["question"] == task.test["question"]
