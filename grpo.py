@@ -450,7 +450,7 @@ def main(args: Args):
     # ---- Setup: policy, frozen reference, optimizer ----------------------------------------
     model, tokenizer, eos_ids = load_policy(args, world.device, dtype)  # + LoRA adapters with --lora-rank
     ref_model = wrap_model(frozen_reference(model, args.model, world.device, dtype), world, args.fsdp) \
-        if args.beta > 0 else None  # the frozen starting policy; none at beta = 0 (dapo, gspo, cispo, sapo presets)
+        if args.beta > 0 else None  # the frozen starting policy; none at beta = 0
     policy = wrap_model(model, world, args.fsdp)  # what the update runs: DDP / FSDP2 under torchrun, else the model
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.learning_rate, weight_decay=0.0)
 

@@ -18,10 +18,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["sft.py", "grpo.py", "reinforce.py", "ppo.py", "sft_rl_mixed.py"]
 # script: (lines, main() lines, changed lines of the main() diff against grpo.py's; None = not compared)
+# grpo.py's ceiling was 540 until pass@k training joined it as an advantage variant (Chen et al. 2025's closed
+# form and verl's best-of-group, with their equations: +37 lines); the ceiling grew by that much and no more.
 TARGETS = {
     "sft.py": (220, 100, None),
     "reinforce.py": (400, 130, 90),
-    "grpo.py": (540, 150, None),
+    "grpo.py": (577, 150, None),
     "ppo.py": (520, 165, 130),
     "sft_rl_mixed.py": (580, 180, 150),
 }

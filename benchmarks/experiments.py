@@ -699,9 +699,170 @@ def entropy_sign(fresh: bool) -> bool:
 PHENOMENA = {"entropy": entropy, "passk": passk, "forking": forking, "signs": signs, "distill": distill,
              "wrongref": wrongref, "entropy_sign": entropy_sign}
 
+# ---- three lessons with no experiment before: "don't", memorise vs generalise, pass@k as the objective ------
+
+SFT_MORE = ["--learning-rate", "2e-4", "--warmup-steps", "0", "--batch-size", "64"]  # continue from CDS_SFT
+EVAL16 = ["--num-eval-samples", "16"]  # pass@1 and the violation rate need no k = 64
+ARMS.update({
+    # (j) "don't": the start model multiplies; the teacher of countdown_steps_nomul never does, and no prompt says so.
+    # 1x = the 12,800 samples of 100 RL steps (200 steps of 64 demonstrations), 2x, 4x.
+    "nomul_sft1x": ("sft.py", [*SFT_MORE, "--total-steps", "200", *EVAL16], "countdown_steps_nomul", 60),
+    "nomul_sft2x": ("sft.py", [*SFT_MORE, "--total-steps", "400", *EVAL16], "countdown_steps_nomul", 110),
+    "nomul_sft4x": ("sft.py", [*SFT_MORE, "--total-steps", "800", *EVAL16], "countdown_steps_nomul", 210),
+    "nomul_grpo": ("grpo.py", EVAL16, "countdown_steps_nomul", 190),
+    "nomul_nsr": ("reinforce.py", ["--baseline", "none", "--sign-weighting", "nsr", *EVAL16], "countdown_steps_nomul",
+                  180),
+    # (i) SFT for longer at about GRPO's CPU (400 SFT steps ~ 100 GRPO steps here), then both tested out of distribution
+    "sft_longer": ("sft.py", [*SFT_MORE, "--total-steps", "400"], "countdown_steps", 130),
+    # (k) pass@k as the objective; k = 16 needs groups of 16 (8 prompts x 16: the same 128 samples a step)
+    "passk4": ("grpo.py", ["--advantage", "passk", "--passk-k", "4"], "countdown_steps", 200),
+    "passk16": ("grpo.py", ["--advantage", "passk", "--passk-k", "16", "--group-size", "16", "--num-prompts", "8"],
+                "countdown_steps", 210),
+})
+
+
+def sample_stats(run: str, task_name: str, num_prompts: int = 100, samples: int = 16) -> dict:
+    """Sampled (T = 1) accuracy by the plain countdown_steps verifier, and the share of samples with a product, on
+    held-out problems of task_name; cached in the run folder."""
+    import torch
+
+    from common.models import load_model_and_tokenizer
+    from common.rewards import countdown_steps_verifier
+    from common.rollout import generate_hf
+    from common.tasks import format_prompt, load_task
+
+    path = os.path.join(REPO, run, f"samples_{task_name}.json")
+    if not os.path.exists(path):
+        task = load_task(task_name)
+        model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"), torch.float32)
+        test = task.test.select(range(num_prompts))
+        prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in test["question"]]
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            out = generate_hf(model.eval(), tokenizer, prompts, samples, 1.0, task.max_new_tokens, 1.0,
+                              [tokenizer.eos_token_id])
+        answers = [test["answer"][i] for i in out.prompt_index.tolist()]
+        right = [countdown_steps_verifier(c, a)[0] for c, a in zip(out.completions, answers)]
+        uses_product = ["*" in c for c in out.completions]
+        with open(path, "w") as f:
+            json.dump({"accuracy_any_op": sum(right) / len(right), "violation": sum(uses_product) / len(right),
+                       "right_without_product": sum(r and not p for r, p in zip(right, uses_product)) / len(right)},
+                      f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def dont(fresh: bool) -> bool:
+    """(j) SFT only ever says what is acceptable; "don't" has to be inferred from what the demonstrations leave out.
+    From the SFT model (which multiplies), SFT on 1x / 2x / 4x no-product demonstrations vs RL whose reward counts a
+    product as wrong (GRPO), and NSR alone: how fast each removes the product it was never told to avoid."""
+    arms = {"nomul_sft1x": "SFT, 1x demonstrations (200 steps)", "nomul_sft2x": "SFT, 2x (400 steps)",
+            "nomul_sft4x": "SFT, 4x (800 steps)", "nomul_grpo": "GRPO, product = wrong", "nomul_nsr": "NSR alone"}
+    run_all(arm_plan(*arms), fresh, jobs=2)
+    start = sample_stats(CDS_SFT, "countdown_steps_nomul")
+    columns = {"violation (samples with *)": lambda r: sample_stats(r, "countdown_steps_nomul")["violation"],
+               "pass@1, product = wrong": final("pass@1"),
+               "accuracy, any operator": lambda r: sample_stats(r, "countdown_steps_nomul")["accuracy_any_op"],
+               "CPU s of training": lambda r: sum(x.get("step_time", 0) for x in steps(r))}
+    print(f"\nstart (`{CDS_SFT}`): violation {start['violation']:.3f}, accuracy any operator "
+          f"{start['accuracy_any_op']:.3f}, right without a product {start['right_without_product']:.3f}\n"
+          + arm_table(arms, columns))
+    v = {a: per_seed(a, columns["violation (samples with *)"]) for a in arms}
+    check = SeedChecks()
+    check("(j) more positive demonstrations squeeze the violations (4x below 1x)",
+          [a < b for a, b in zip(v["nomul_sft4x"], v["nomul_sft1x"])], f"{spread(v['nomul_sft4x'])} vs "
+          f"{spread(v['nomul_sft1x'])}")
+    for arm in ("nomul_grpo", "nomul_nsr"):
+        check(f"(j) {arms[arm]} removes more violations than SFT on 4x as many samples",
+              [a < b for a, b in zip(v[arm], v["nomul_sft4x"])], f"{spread(v[arm])} vs {spread(v['nomul_sft4x'])}")
+    plot_bands({label: arm_runs(arm) for arm, label in arms.items() if not arm.startswith("nomul_sft")},
+               [("sampled_accuracy", "sampled pass@1 (a product counts as wrong)"),
+                ("entropy", "entropy (logged)")], "ph_dont")
+    save("ph_dont", {"start": start, "arms": {a: {c: per_seed(a, fn) for c, fn in columns.items()} for a in arms},
+                     "checks": check.results})
+    return check.ok
+
+
+def generalise(fresh: bool) -> bool:
+    """(i) Chu et al. 2025: SFT memorises, RL generalises. Both from the SFT model at about equal CPU (SFT 400 more
+    steps, GRPO 100 steps), tested in distribution (three numbers) and with one more number than training showed."""
+    import torch
+
+    from common.evaluation import evaluate
+    from common.models import load_model_and_tokenizer
+    from common.tasks import load_task
+
+    run_all(arm_plan("grpo", "sft_longer"), fresh, jobs=2)
+
+    def ood(run: str) -> dict:
+        path = os.path.join(REPO, run, "eval_4numbers.json")
+        if not os.path.exists(path):
+            model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"), torch.float32)
+            with open(path, "w") as f:
+                json.dump(evaluate(model.eval(), tokenizer, load_task("countdown_steps_4numbers"), 100, 16), f)
+        with open(path) as f:
+            return json.load(f)
+
+    base_ood = ood(CDS_SFT)
+    sft = sft_evals()
+    columns = {"in distribution pass@1": final("pass@1"), "pass@16": final("pass@16"),
+               "4 numbers pass@1": lambda r: ood(r)["pass@1"], "4 numbers pass@16": lambda r: ood(r)["pass@16"],
+               "CPU s of training": lambda r: sum(x.get("step_time", 0) for x in steps(r))}
+    arms = {"sft_longer": "SFT, 400 more steps", "grpo": "GRPO, 100 steps"}
+    print("\n" + arm_table(arms, columns, {"in distribution pass@1": [e["pass@1"] for e in sft],
+                                           "pass@16": [e["pass@16"] for e in sft],
+                                           "4 numbers pass@1": [base_ood["pass@1"]] * 3,
+                                           "4 numbers pass@16": [base_ood["pass@16"]] * 3}))
+    gain = {a: ([final("pass@1")(r) - s["pass@1"] for r, s in zip(arm_runs(a), sft)],
+                [ood(r)["pass@1"] - base_ood["pass@1"] for r in arm_runs(a)]) for a in arms}
+    check = SeedChecks()
+    for arm in arms:
+        check(f"(i) {arms[arm]} gains in distribution", [g > 0 for g in gain[arm][0]], spread(gain[arm][0]))
+        check(f"(i) {arms[arm]} gains with one more number", [g > 0 for g in gain[arm][1]], spread(gain[arm][1]))
+    check("(i) RL's out-of-distribution gain is larger than SFT's",
+          [r > s for r, s in zip(gain["grpo"][1], gain["sft_longer"][1])],
+          f"GRPO {spread(gain['grpo'][1])} vs SFT {spread(gain['sft_longer'][1])}")
+    save("ph_generalise", {"start_ood": base_ood, "gains": gain, "arms": {a: {c: per_seed(a, fn) for c, fn in
+                                                                              columns.items()} for a in arms},
+                           "checks": check.results})
+    return check.ok
+
+
+def passk_training(fresh: bool) -> bool:
+    """(k) Chen et al. 2025: optimise pass@k (grpo.py --advantage passk) instead of pass@1, k = 4 and 16, against
+    GRPO from the same SFT model: does pass@64 stay at the SFT model's while pass@1 still rises?"""
+    arms = {"grpo": "GRPO (pass@1)", "passk4": "pass@4 training", "passk16": "pass@16 training (G = 16)"}
+    run_all(arm_plan(*arms), fresh, jobs=2)
+    sft = sft_evals()
+    columns = {"pass@1": final("pass@1"), "pass@4": final("pass@4"), "pass@16": final("pass@16"),
+               "pass@64": final("pass@64"), "held-out entropy": heldout_entropy}
+    print("\n" + arm_table(arms, columns, {f"pass@{k}": [e[f"pass@{k}"] for e in sft] for k in (1, 4, 16, 64)}))
+    plot_passk_bands({"SFT": sft, **{label: [eval_record(r) for r in arm_runs(arm)] for arm, label in arms.items()}},
+                     "ph_passk_training")
+    s1, s64 = [e["pass@1"] for e in sft], [e["pass@64"] for e in sft]
+    check = SeedChecks()
+    for arm in ("passk4", "passk16"):
+        p1, p64 = per_seed(arm, final("pass@1")), per_seed(arm, final("pass@64"))
+        g64 = per_seed("grpo", final("pass@64"))
+        check(f"(k) {arms[arm]} keeps pass@64 at or above the SFT model's", [a >= b for a, b in zip(p64, s64)],
+              f"{spread(p64)} vs SFT {spread(s64)}")
+        check(f"(k) {arms[arm]} keeps pass@64 above GRPO's", [a > b for a, b in zip(p64, g64)],
+              f"{spread(p64)} vs GRPO {spread(g64)}")
+        check(f"(k) {arms[arm]} still raises pass@1 above the SFT model's", [a > b for a, b in zip(p1, s1)],
+              f"{spread(p1)} vs SFT {spread(s1)}")
+    save("ph_passk_training", {"arms": {a: {c: per_seed(a, fn) for c, fn in columns.items()} for a in arms},
+                               "sft": sft, "checks": check.results})
+    return check.ok
+
+
+PHENOMENA.update({"dont": dont, "generalise": generalise, "passk_training": passk_training})
+
+
 PHENOMENON_ARMS = {"entropy": ["grpo", "clip_cov", "kl_cov", "nsr", "ent_bonus", "temp"], "passk": ["grpo"],
                    "forking": ["grpo", "top20", "bottom80"], "signs": ["grpo", "psr", "nsr", "w_reinforce"],
-                   "distill": ["grpo", "distill"], "wrongref": ["grpo", "wrongref20"], "entropy_sign": ["grpo"]}
+                   "distill": ["grpo", "distill"], "wrongref": ["grpo", "wrongref20"], "entropy_sign": ["grpo"],
+                   "dont": ["nomul_sft1x", "nomul_sft2x", "nomul_sft4x", "nomul_grpo", "nomul_nsr"],
+                   "generalise": ["grpo", "sft_longer"], "passk_training": ["grpo", "passk4", "passk16"]}
 
 
 def phenomena(only: str | None, fresh: bool) -> bool:

@@ -15,7 +15,7 @@ import math
 import re
 from collections import Counter
 
-REASONS = ("correct", "wrong", "no_answer", "malformed")
+REASONS = ("correct", "wrong", "no_answer", "malformed", "forbidden")
 MAX_TEXT = 10_000  # longer model output is cut before parsing: regexes stay linear and fast
 MAX_DIGITS = 100  # a "number" with more digits than this is not an answer, it is noise
 
@@ -213,6 +213,14 @@ def countdown_steps_verifier(completion: str, answer: str) -> tuple[float, str]:
     return (1.0, reason) if reason == "correct" else (0.0, reason)
 
 
+def countdown_steps_nomul_verifier(completion: str, answer: str) -> tuple[float, str]:
+    """countdown_steps with a rule the prompt never states: no product. A right chain that multiplies is `forbidden`."""
+    score, reason = countdown_steps_verifier(completion, answer)
+    if isinstance(completion, str) and "*" in completion.strip().split("\n")[0]:
+        return 0.0, "forbidden" if reason == "correct" else reason
+    return score, reason
+
+
 def countdown_steps_fraction(completion: str, answer: str) -> float:
     """Partial credit, like the pass rate of a program's test cases: each step is a test case, and
     reaching the target with every number is one more. (checks + right) / (steps + 1); 1 only if right.
@@ -224,7 +232,7 @@ def countdown_steps_fraction(completion: str, answer: str) -> float:
 
 
 VERIFIERS = {"number": number_verifier, "math": math_verifier, "countdown": countdown_verifier,
-             "countdown_steps": countdown_steps_verifier}
+             "countdown_steps": countdown_steps_verifier, "countdown_steps_nomul": countdown_steps_nomul_verifier}
 PARTIAL_CREDIT = {"countdown_steps": countdown_steps_fraction}
 """Verifiers that can also grade a completion in part (a task with partial_credit trains on it)."""
 

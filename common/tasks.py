@@ -34,6 +34,7 @@ clean teacher (SFT alone solves it; little headroom for RL). `countdown` has man
 answers per prompt and a problem space too large to memorise (see make_countdown_task).
 """
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -252,7 +253,8 @@ def make_countdown_task(
 # ---------------------------------------------------------------------------------------
 
 
-def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product: int = 99) -> list[str]:
+def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product: int = 99,
+                             ops: str = "+-*") -> list[str]:
     """One random way to combine all the numbers, as steps "a+b=c (rest)": two available numbers at a time
     (given or earlier results, each used once), an operator among + - *, the result back in the pool,
     and the pool that is left, in order (the given numbers not used yet, then the results). The last
@@ -265,7 +267,7 @@ def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product
     while len(pool) > 1:
         x = pool.pop(rng.randrange(len(pool)))
         y = pool.pop(rng.randrange(len(pool)))
-        op = rng.choice("+-*")
+        op = rng.choice(ops)
         if op == "*" and x * y > max_product:
             op = rng.choice("+-")
         if op == "-" and x == y:
@@ -280,7 +282,8 @@ def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product
 
 def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: int = 500, sizes=(3,),
                               max_number: int = 25, max_target: int = 99, partial_credit: bool = False,
-                              wrong_reference_frac: float = 0.0, name: str = "countdown_steps") -> Task:
+                              wrong_reference_frac: float = 0.0, ops: str = "+-*", verifier: str = "countdown_steps",
+                              name: str = "countdown_steps") -> Task:
     """Countdown written as steps, the reasoning task of the token-level phenomena (docs/phenomena.md).
 
     "14 2 9 17->38": "14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38" is right (each step checks, and so
@@ -310,14 +313,22 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
     - `wrong_reference_frac` > 0 (tasks countdown_steps_wrongref5/20): that share of the training
       problems gets a wrong reference target (target + 1; the prompt still shows the true one), the
       dirty labels of "rl与sft"; `expert` keeps the clean demonstration, and the test split is clean.
+    - `ops` = "+-" with verifier countdown_steps_nomul (task countdown_steps_nomul): a "don't" nobody
+      states. The teacher never multiplies and the prompt does not say so; a product is a violation
+      (a completion with "*" is not correct, reason `forbidden`). countdown_steps_4numbers: four
+      numbers from 1..25, a test with one more number than training ever showed.
     """
     rng, corrupt = random.Random(seed), random.Random(seed + 2)
     seen, splits = set(), []
     for is_train, count in ((False, num_test), (True, num_train)):
         rows = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
-        while len(rows["question"]) < count:
+        for attempt in itertools.count():
+            if len(rows["question"]) == count:
+                break
+            if attempt > 50 * count:  # the problem space ran out: say so instead of looping forever
+                raise ValueError(f"task {name}: only {len(seen)} distinct problems found; lower num_train/num_test")
             numbers = [rng.randint(1, max_number) for _ in range(rng.choice(sizes))]
-            steps = countdown_steps_solution(rng, numbers)
+            steps = countdown_steps_solution(rng, numbers, ops=ops)
             target = int(steps[-1].split("=")[1])  # the last step leaves no pool to list
             key = (tuple(sorted(numbers)), target)
             if not 1 <= target <= max_target or key in seen:
@@ -335,7 +346,7 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
             del rows["slice"]
         splits.append(Dataset.from_dict(rows))
     test, train = splits
-    return Task(name, train, test, verifier="countdown_steps", max_new_tokens=56, partial_credit=partial_credit,
+    return Task(name, train, test, verifier=verifier, max_new_tokens=56, partial_credit=partial_credit,
                 slices=tuple(f"{n}_numbers" for n in sizes) if len(sizes) > 1 else (), has_expert=True)
 
 
@@ -403,6 +414,11 @@ TASKS: dict[str, Callable[[int], Task]] = {
                                                                         name="countdown_steps_wrongref5"),
     "countdown_steps_wrongref20": lambda seed: make_countdown_steps_task(seed, wrong_reference_frac=0.2,
                                                                          name="countdown_steps_wrongref20"),
+    "countdown_steps_nomul": lambda seed: make_countdown_steps_task(seed, num_train=8000, ops="+-",  # ~11k exist
+                                                                    verifier="countdown_steps_nomul",
+                                                                    name="countdown_steps_nomul"),
+    "countdown_steps_4numbers": lambda seed: make_countdown_steps_task(seed, num_train=2000, sizes=(4,),
+                                                                       name="countdown_steps_4numbers"),
     "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
                                                                       name="countdown_steps_partial"),
     "gsm8k": make_gsm8k_task,

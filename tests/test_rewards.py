@@ -405,3 +405,12 @@ def test_partial_credit_replaces_correctness_in_the_reward_only():
     assert rewards == [0.75, 1.0] and terms["correct"] == [0.0, 1.0] and terms["partial"] == [0.75, 1.0]
     rewards, terms, _ = score_rows("countdown_steps", completions, answers, [True, True])
     assert rewards == [0.0, 1.0] and "partial" not in terms
+
+
+def test_countdown_steps_nomul_counts_a_product_as_a_violation_not_as_right():
+    from common.rewards import countdown_steps_nomul_verifier
+
+    assert countdown_steps_nomul_verifier("9+3=12 (2 12) 12+2=14", "9 3 2->14") == (1.0, "correct")
+    assert countdown_steps_nomul_verifier("9*3=27 (2 27) 27+2=29", "9 3 2->29") == (0.0, "forbidden")  # right, but *
+    assert countdown_steps_nomul_verifier("9*3=27 (2 27) 27+2=30", "9 3 2->29") == (0.0, "wrong")  # wrong anyway
+    assert countdown_steps_nomul_verifier(None, "9 3 2->29")[0] == 0.0

@@ -197,5 +197,11 @@ def test_countdown_steps_task_is_unseen_right_and_long_enough(tokenizer):
     mixed = make_countdown_steps_task(num_train=2000, num_test=400, sizes=(3, 4))
     assert 0.4 < mixed.test["slice"].count("3_numbers") / len(mixed.test) < 0.6
     assert all(len(q.split("->")[0].split()) == int(s[0]) for q, s in zip(mixed.test["question"], mixed.test["slice"]))
+    # the "don't" variant: its teacher never multiplies; the one-more-number test split has four numbers
+    nomul = load_task("countdown_steps_nomul")
+    assert not any("*" in d for d in nomul.train["demonstration"]) and nomul.verifier == "countdown_steps_nomul"
+    assert all(len(q.split("->")[0].split()) == 4 for q in load_task("countdown_steps_4numbers").test["question"])
+    with pytest.raises(ValueError, match="distinct problems"):  # a space too small for num_train says so
+        make_countdown_steps_task(num_train=30_000)
     # the held-out problems do not depend on anything a run's --seed changes
     assert load_task("countdown_steps").test["question"] == task.test["question"]
