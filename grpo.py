@@ -178,11 +178,12 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     check(args.dual_clip_c == 0 or args.dual_clip_c > 1, "dual_clip_c", "must be 0 (off) or > 1")
     check(-1 <= args.overlong_cache_len < max_new_tokens, "overlong_cache_len",
           f"must be in [0, {max_new_tokens}) (the completion budget), or -1 for a quarter of it")
-    # CISPO, SAPO and KL-Cov each replace the clipped surrogate and the dual clip is a clause of it: two of
-    # these together would silently drop one.
+    # CISPO, SAPO, KL-Cov each replace the clipped surrogate (the dual clip is part of it): two would drop one.
     chosen = ([f"--policy-loss {args.policy_loss}"] * (args.policy_loss != "clip") + ["--dual-clip-c"] *
               (args.dual_clip_c > 0) + ["--cov-penalty kl_cov"] * (args.cov_penalty == "kl_cov"))
     check(len(chosen) <= 1, "policy_loss", f"{' and '.join(chosen)} exclude each other; pick one")
+    check(args.cov_penalty != "kl_cov" or args.num_epochs * args.num_minibatches > 1, "cov_penalty", "KL-Cov's "
+          "|logp - logp_old| is 0, gradient too, with one update per batch; add --num-minibatches 4")
     return rollout_batch_sizes(args.num_prompts, args.group_size, args.num_minibatches, args.micro_batch_size,
                                world_size)
 
@@ -230,8 +231,7 @@ def pass_at_k_objective(rollout: Rollout, args: Args) -> torch.Tensor:
 
 
 def best_of_group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """verl's grpo_passk: only the best sample of a group learns, A = (r_max - r_second) / (std + eps); 0 elsewhere.
-    rewards (num_groups, G) -> (num_groups, G)."""
+    """verl's grpo_passk: only a group's best sample learns, A = (r_max - r_second) / (std + eps). (num_groups, G)."""
     top2 = rewards.topk(2, dim=1)  # values and indices, (num_groups, 2)
     gap = (top2.values[:, :1] - top2.values[:, 1:]) / (rewards.std(dim=1, keepdim=True) + eps)  # (num_groups, 1)
     return torch.zeros_like(rewards).scatter(1, top2.indices[:, :1], gap)
