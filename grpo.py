@@ -169,7 +169,7 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
     check_positive(args, "temperature", "learning_rate", "max_grad_norm", "std_eps", "tis_cap")
     check_fraction(args, "top_entropy_rho", "clip_cov_frac", "kl_cov_frac")
     check(args.group_size >= 2, "group_size", "GRPO needs >= 2 completions per prompt (the baseline is their mean)")
-    check(1 <= args.passk_k <= args.group_size, "passk_k", f"pass@k needs 1 <= k <= group_size ({args.group_size})")
+    check(args.advantage != "passk" or 1 <= args.passk_k <= args.group_size, "passk_k", "needs 1 <= k <= group_size")
     check(args.entropy_tokens == "top" or args.top_entropy_rho < 1, "entropy_tokens",
           "--entropy-tokens bottom trains on the tokens outside the top --top-entropy-rho; set it below 1 (e.g. 0.2)")
     check(min(args.sapo_taus) > 0, "sapo_taus", f"gate temperatures must be > 0, got {args.sapo_taus}")

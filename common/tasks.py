@@ -315,8 +315,8 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
       dirty labels of "rl与sft"; `expert` keeps the clean demonstration, and the test split is clean.
     - `ops` = "+-" with verifier countdown_steps_nomul (task countdown_steps_nomul): a "don't" nobody
       states. The teacher never multiplies and the prompt does not say so; a product is a violation
-      (a completion with "*" is not correct, reason `forbidden`). countdown_steps_4numbers: four
-      numbers from 1..25, a test with one more number than training ever showed.
+      (a completion with "*" is not correct, reason `forbidden`). Shifted tests for what training
+      never showed: countdown_steps_4numbers (one more number), countdown_steps_to40 (numbers to 40).
     """
     rng, corrupt = random.Random(seed), random.Random(seed + 2)
     seen, splits = set(), []
@@ -419,6 +419,8 @@ TASKS: dict[str, Callable[[int], Task]] = {
                                                                     name="countdown_steps_nomul"),
     "countdown_steps_4numbers": lambda seed: make_countdown_steps_task(seed, num_train=2000, sizes=(4,),
                                                                        name="countdown_steps_4numbers"),
+    "countdown_steps_to40": lambda seed: make_countdown_steps_task(seed, num_train=2000, max_number=40,
+                                                                   name="countdown_steps_to40"),
     "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
                                                                       name="countdown_steps_partial"),
     "gsm8k": make_gsm8k_task,

@@ -252,6 +252,19 @@ def test_kl_cov_and_clip_cov_change_the_update(sft_run, tmp_path, monkeypatch):
     assert clipcov["frac_tokens_kept"] < 1 and plain["frac_tokens_kept"] == 1
 
 
+def test_the_passk_objectives_change_the_update_and_only_it(sft_run, tmp_path, monkeypatch):
+    """The same rollout (same seed): --advantage passk / best_of_group change the gradient, not what is sampled."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--total-steps", "1", "--num-prompts", "8", "--beta", "0"]
+    _grpo(sft_run[0], *base, "--run-name", "group")
+    _grpo(sft_run[0], *base, "--run-name", "passk", "--advantage", "passk", "--passk-k", "4")
+    _grpo(sft_run[0], *base, "--run-name", "best", "--advantage", "best_of_group")
+    group, passk, best = _steps("group")[0], _steps("passk")[0], _steps("best")[0]
+    assert group["reward"] == passk["reward"] == best["reward"]  # one rollout
+    assert group["frac_zero_std_groups"] < 1  # some group has signal: the objectives weigh it differently
+    assert len({round(r["grad_norm"], 7) for r in (group, passk, best)}) == 3
+
+
 def test_sync_every_makes_the_sampler_stale(sft_run, tmp_path, monkeypatch):
     pytest.importorskip("vllm")
     monkeypatch.chdir(tmp_path)
