@@ -84,7 +84,7 @@ def test_grpo_batch_level_statistics_are_global(sft_run, tmp_path):
     """The batch std (--scale-rewards batch) and the token rankings (forking tokens, KL-Cov) span all ranks."""
     one_vs_two(tmp_path, "grpo", "--model", sft_run[0], "--total-steps", "1", "--num-prompts", "4",
                "--scale-rewards", "batch", "--top-entropy-rho", "0.2", "--cov-penalty", "kl_cov",
-               "--num-minibatches", "2", "--loss-agg", "token-mean")
+               "--num-epochs", "2", "--loss-agg", "token-mean")  # KL-Cov acts once the policy moves
 
 
 def test_sft_two_processes_take_the_one_process_step(tmp_path):
