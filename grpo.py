@@ -222,19 +222,19 @@ def passk_advantages(correct: torch.Tensor, k: int, eps: float = 1e-4) -> torch.
     return torch.where(correct.bool(), (1 - group) / std, (wrong - group) / std).to(correct.dtype)
 
 
+def best_of_group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """verl's grpo_passk: only a group's best sample learns, A = (r_max - r_second) / (std + eps). (num_groups, G)."""
+    top2 = rewards.topk(2, dim=1)  # values and indices, (num_groups, 2)
+    gap = (top2.values[:, :1] - top2.values[:, 1:]) / (rewards.std(dim=1, keepdim=True) + eps)  # (num_groups, 1)
+    return torch.zeros_like(rewards).scatter(1, top2.indices[:, :1], gap)
+
+
 def pass_at_k_objective(rollout: Rollout, args: Args) -> torch.Tensor:
     """--advantage passk (on the verifier's verdicts) or best_of_group (on the rewards), (B / G, G)."""
     if args.advantage == "best_of_group":
         return best_of_group_advantages(rollout.rewards.view(-1, args.group_size), args.std_eps)
     correct = torch.tensor([r == "correct" for r in rollout.reasons], dtype=torch.float, device=rollout.rewards.device)
     return passk_advantages(correct.view(-1, args.group_size), args.passk_k, args.std_eps)
-
-
-def best_of_group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """verl's grpo_passk: only a group's best sample learns, A = (r_max - r_second) / (std + eps). (num_groups, G)."""
-    top2 = rewards.topk(2, dim=1)  # values and indices, (num_groups, 2)
-    gap = (top2.values[:, :1] - top2.values[:, 1:]) / (rewards.std(dim=1, keepdim=True) + eps)  # (num_groups, 1)
-    return torch.zeros_like(rewards).scatter(1, top2.indices[:, :1], gap)
 
 
 def policy_token_loss(logp, logp_old, advantages, mask, args: Args, kl_cov_tokens=None):
@@ -501,8 +501,8 @@ def main(args: Args):
         # ---- 3. Advantage: A_i = (R_i - mean_group R) / (std + eps), the same for every token ---
         batch_std = all_gather(rollout.rewards).std() if args.scale_rewards == "batch" else None  # over every rank
         advantages = compute_advantages(rollout.rewards.view(-1, G), args.scale_rewards, args.std_eps, batch_std)
-        if args.advantage != "group":  # the group's pass@k as the objective, not each sample's pass@1
-            advantages = pass_at_k_objective(rollout, args)  # (B / G, G) like the line above, then (B,)
+        if args.advantage != "group":  # Chen et al. 2025 / verl: the group's pass@k, not each sample's pass@1
+            advantages = pass_at_k_objective(rollout, args)  # passk_advantages or best_of_group_advantages
         advantages = advantages.view(-1)
         mask = rollout.completion_mask.float()  # (B, C)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer

@@ -1,8 +1,8 @@
 """The side-by-side comparison and the phenomena of the Chinese survey "rl与sft", each one command on a CPU.
 
     python benchmarks/experiments.py compare     # SFT, then every RL script from it, same budget (~15 min); (a)
-    python benchmarks/experiments.py phenomena   # every token-level phenomenon on countdown_steps, 3 seeds (<= 60 min)
-    python benchmarks/experiments.py phenomena --only entropy   # one of them (each <= 15 min):
+    python benchmarks/experiments.py phenomena   # every token-level phenomenon on countdown_steps, 3 seeds (~90 min)
+    python benchmarks/experiments.py phenomena --only entropy   # one of them (6-30 min; docs/phenomena.md):
         entropy       (b) entropy under GRPO vs Clip-Cov, KL-Cov, NSR, an entropy bonus, a higher temperature
         passk         (c) pass@1..64 of SFT vs GRPO: RL wins at k = 1, SFT catches up at large k
         forking       (d) the gradient on the top 20% entropy tokens / all / the bottom 80%

@@ -283,7 +283,7 @@ def countdown_steps_solution(rng: random.Random, numbers: list[int], max_product
 def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: int = 500, sizes=(3,),
                               max_number: int = 25, max_target: int = 99, partial_credit: bool = False,
                               wrong_reference_frac: float = 0.0, ops: str = "+-*", verifier: str = "countdown_steps",
-                              name: str = "countdown_steps") -> Task:
+                              min_largest: int = 1, name: str = "countdown_steps") -> Task:
     """Countdown written as steps, the reasoning task of the token-level phenomena (docs/phenomena.md).
 
     "14 2 9 17->38": "14+9=23 (2 17 23) 23+17=40 (2 40) 40-2=38" is right (each step checks, and so
@@ -316,7 +316,8 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
     - `ops` = "+-" with verifier countdown_steps_nomul (task countdown_steps_nomul): a "don't" nobody
       states. The teacher never multiplies and the prompt does not say so; a product is a violation
       (a completion with "*" is not correct, reason `forbidden`). Shifted tests for what training
-      never showed: countdown_steps_4numbers (one more number), countdown_steps_to40 (numbers to 40).
+      never showed: countdown_steps_4numbers (one more number), countdown_steps_to40 (numbers to 40,
+      at least one of them above 25 by `min_largest`: no problem of it is a training problem).
     """
     rng, corrupt = random.Random(seed), random.Random(seed + 2)
     seen, splits = set(), []
@@ -331,7 +332,7 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
             steps = countdown_steps_solution(rng, numbers, ops=ops)
             target = int(steps[-1].split("=")[1])  # the last step leaves no pool to list
             key = (tuple(sorted(numbers)), target)
-            if not 1 <= target <= max_target or key in seen:
+            if not 1 <= target <= max_target or key in seen or max(numbers) < min_largest:
                 continue
             seen.add(key)
             question = f"{' '.join(map(str, numbers))}->{target}"
@@ -419,7 +420,7 @@ TASKS: dict[str, Callable[[int], Task]] = {
                                                                     name="countdown_steps_nomul"),
     "countdown_steps_4numbers": lambda seed: make_countdown_steps_task(seed, num_train=2000, sizes=(4,),
                                                                        name="countdown_steps_4numbers"),
-    "countdown_steps_to40": lambda seed: make_countdown_steps_task(seed, num_train=2000, max_number=40,
+    "countdown_steps_to40": lambda seed: make_countdown_steps_task(seed, num_train=2000, max_number=40, min_largest=26,
                                                                    name="countdown_steps_to40"),
     "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
                                                                       name="countdown_steps_partial"),
