@@ -201,6 +201,9 @@ def test_countdown_steps_task_is_unseen_right_and_long_enough(tokenizer):
     nomul = load_task("countdown_steps_nomul")
     assert not any("*" in d for d in nomul.train["demonstration"]) and nomul.verifier == "countdown_steps_nomul"
     assert all(len(q.split("->")[0].split()) == 4 for q in load_task("countdown_steps_4numbers").test["question"])
+    shifted = load_task("countdown_steps_to40").test["question"]  # larger numbers: none of it is a training problem
+    assert all(max(int(n) for n in q.split("->")[0].split()) > 25 for q in shifted)
+    assert not {key(q) for q in shifted} & {key(q) for q in task.train["question"]}
     with pytest.raises(ValueError, match="distinct problems"):  # a space too small for num_train says so
         make_countdown_steps_task(num_train=30_000)
     # the held-out problems do not depend on anything a run's --seed changes
