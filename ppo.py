@@ -84,8 +84,14 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     # ---- advantage -------------------------------------------------------------------------
     gamma: float = 1.0
     """GAE discount (1: a reward at the end counts as much for the first token as for the last)"""
-    gae_lambda: float = 0.95
-    """GAE lambda: 1 = Monte-Carlo return minus V (unbiased, noisy); 0 = one-step TD (biased by V, quiet)"""
+    lam_actor: float = 0.95
+    """GAE lambda of the policy's advantages: 1 = Monte-Carlo return minus V (unbiased, noisy); 0 = one-step TD"""
+    lam_critic: float = 0.95
+    """GAE lambda of the critic's targets Ret = A + V (VC-PPO, VAPO: 1, a target that does not bootstrap from V)"""
+    lam_actor_alpha: float = 0.0
+    """VAPO's length-adaptive lambda: > 0 sets lam_actor = 1 - 1 / (alpha |y|) per completion (VAPO: 0.05); 0 = off"""
+    whiten_advantages: bool = True
+    """N+: whiten the advantages over the batch's valid tokens (--no-whiten-advantages keeps GAE's scale)"""
     # ---- policy loss -----------------------------------------------------------------------
     eps_low: float = 0.2
     """clip range below 1"""
@@ -118,6 +124,8 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     """passes over each rollout batch (> 1 makes r != 1 and the clip matter; N+: 4)"""
     num_minibatches: int = 1
     """optimizer steps per pass: the rollout batch is split into this many minibatches of whole groups"""
+    value_warmup_steps: int = 0
+    """VC-PPO: critic-only steps on rollouts of the starting policy before step 1 (extra batches); 0 = none"""
 
 
 def parse_args(argv=None) -> Args:
@@ -127,10 +135,11 @@ def parse_args(argv=None) -> Args:
 def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int, int]:
     """Reject bad values and silent knob combinations; return the batch arithmetic (rank_rows, micro_size)."""
     check_at_least(args, 1, "total_steps", "num_prompts", "group_size", "num_epochs", "num_minibatches", "kl_horizon")
-    check_at_least(args, 0, "format_weight", "eps_low", "eps_high", "beta", "kl_target", "ent_coef")
+    check_at_least(args, 0, "format_weight", "eps_low", "eps_high", "beta", "kl_target", "ent_coef", "lam_actor_alpha",
+                   "value_warmup_steps")
     check_positive(args, "temperature", "learning_rate", "vf_learning_rate", "max_grad_norm", "vf_coef",
                    "cliprange_value")
-    for name in ("gamma", "gae_lambda"):
+    for name in ("gamma", "lam_actor", "lam_critic"):
         check(0 <= getattr(args, name) <= 1, name, f"must be in [0, 1], got {getattr(args, name)}")
     check(math.isfinite(args.penalty_reward_value), "penalty_reward_value", "must be a finite number")
     check(args.kl_target == 0 or args.beta > 0, "kl_target",
@@ -145,7 +154,7 @@ def validate(args: Args, max_new_tokens: int, world_size: int = 1) -> tuple[int,
 
 
 def compute_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                       gae_lambda: float) -> torch.Tensor:
+                       gae_lambda: float | torch.Tensor) -> torch.Tensor:
     """GAE (Schulman et al. 2016), per token, by the reversed loop of N+:
 
         delta_t = r_t + gamma V_{t+1} - V_t          (V after the last real token = 0: the episode ends)
@@ -153,6 +162,7 @@ def compute_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: 
 
     token_rewards, values, mask (B, C), right-padded -> advantages (B, C), 0 on padding. V_t is the value
     of the state *before* y_t (see token_values). gamma = lambda = 1 gives A_t = sum_{s>=t} r_s - V_t.
+    gae_lambda: one number, or (B,) one per completion (VAPO's length-adaptive lambda).
     >>> compute_advantages(torch.tensor([[0., 0., 1.]]), torch.full((1, 3), 0.5), torch.ones(1, 3), 1.0, 0.5)
     tensor([[0.1250, 0.2500, 0.5000]])
     """
@@ -350,6 +360,63 @@ def adaptive_kl_beta(beta: float, kl: float, kl_target: float, horizon: int, n_s
     return beta * (1 + error * n_steps / horizon)
 
 
+def length_adaptive_lambda(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO (Yue et al. 2025, arXiv 2504.05118), --lam-actor-alpha: lambda_actor = 1 - 1 / (alpha |y|) per completion.
+
+    GAE's weights (gamma lambda)^k sum to 1 / (1 - lambda) = alpha |y| tokens: a long completion looks as far
+    ahead as a short one does, relative to its length. Clamped at 0 when |y| < 1 / alpha (VAPO's completions are
+    thousands of tokens long; alpha = 0.05 gives a 3-token answer lambda 0, pure TD). lengths (B,) -> (B,).
+    >>> length_adaptive_lambda(torch.tensor([40., 100., 4.]), 0.05)
+    tensor([0.5000, 0.8000, 0.0000])
+    """
+    return (1 - 1 / (alpha * lengths.clamp(min=1))).clamp(min=0)
+
+
+def decoupled_gae(token_rewards, values, mask, gamma: float, lam_actor, lam_critic: float):
+    """VC-PPO (Yuan et al. 2025, arXiv 2503.01491), --lam-critic / --lam-actor: one GAE for the policy, another for
+    the critic's target. Returns (advantages A(lam_actor), returns Ret = A(lam_critic) + V), each (B, C).
+
+    lambda < 1 builds the target from V itself: an untrained critic's errors enter its own target and, with a
+    reward only at the end, reach early tokens as lambda^(|y| - t). lam_critic = 1 makes the target the return
+    (unbiased whatever V is); lam_actor < 1 keeps the policy's advantages quiet. Equal lambdas: N+ (one GAE)."""
+    advantages = compute_advantages(token_rewards, values, mask, gamma, lam_actor)
+    same = isinstance(lam_actor, float) and lam_actor == lam_critic
+    critic_advantages = advantages if same else compute_advantages(token_rewards, values, mask, gamma, lam_critic)
+    return advantages, critic_advantages + values * mask
+
+
+def warm_up_critic(args: Args, sample_prompts, value_model, critic, value_optimizer, micro_size: int,
+                   max_new_tokens: int, run_dir: str, logger) -> int:
+    """VC-PPO's value pretraining, --value-warmup-steps N: N batches sampled from the starting policy train the
+    critic alone (its targets with --lam-critic; the policy's weights are not touched), so that step 1's
+    advantages are not a zero-head critic's. No KL term: the policy is still the reference. Each batch is
+    logged as {"event": "value_warmup", ...}; returns the data position after them (the stream goes on)."""
+    G, data_position = args.group_size, 0
+    for i in tqdm(range(args.value_warmup_steps), desc="value warm-up", disable=rank() != 0):
+        rollout = sample_prompts(data_position)
+        data_position += args.num_prompts
+        mask = rollout.completion_mask.float()  # (B, C)
+        scores = rollout.rewards.float()  # (B,), N+ 3. missing-EOS penalty as in the loop
+        if args.non_eos_penalty:
+            scores = torch.where(rollout.is_eos, scores, torch.full_like(scores, args.penalty_reward_value))
+        token_rewards = compute_token_rewards(scores, torch.zeros_like(mask), mask, 0.0)  # (B, C)
+        values_old = score_values(value_model, rollout, micro_size) * mask
+        returns = compute_advantages(token_rewards, values_old, mask, args.gamma, args.lam_critic) + values_old
+        for minibatch in minibatches([critic], mask, G, args.num_epochs, args.num_minibatches, micro_size):
+            for micro_rows in minibatch:
+                value_token_loss, _ = value_loss(critic(rollout[micro_rows]), values_old[micro_rows],
+                                                 returns[micro_rows], args.cliprange_value)
+                minibatch.backward(aggregate_loss(value_token_loss, mask[micro_rows], args.loss_agg,
+                                                  minibatch.num_seqs, minibatch.num_tokens, max_new_tokens))
+            loss, grad_norm = minibatch.step([value_optimizer], args.max_grad_norm, 0, run_dir)
+        logger.log(0, {"event": "value_warmup", "warmup_step": i + 1, "value_loss": loss, "value_grad_norm": grad_norm,
+                       "sampled_accuracy": rollout.reward_terms["correct"].float().mean().item(),
+                       "explained_variance": explained_variance(returns, values_old, mask),
+                       "explained_variance_after": explained_variance(
+                           returns, score_values(value_model, rollout, micro_size), mask)})
+    return data_position
+
+
 # ==== Training loop ====================================================================================
 
 
@@ -393,6 +460,10 @@ def main(args: Args):
                                      args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
         return rollout
 
+    if args.value_warmup_steps and not args.resume:  # VC-PPO: fit the critic to the starting policy first
+        data_position = warm_up_critic(args, sample_prompts, value_model, critic, value_optimizer, micro_size,
+                                       max_new_tokens, run_dir, logger)
+
     def checkpoint_extra() -> dict:  # PPO: the critic, its optimizer and the (adaptive) beta, for an exact resume
         return {"data_position": data_position, "beta": beta, **critic_state(value_model, value_optimizer)}
 
@@ -425,9 +496,12 @@ def main(args: Args):
         token_rewards = compute_token_rewards(scores, kl, mask, beta)  # (B, C)
         if args.whiten_rewards:  # N+ option, off by default: scale the rewards, keep their mean
             token_rewards = masked_whiten(token_rewards, mask, shift_mean=False) * mask
-        advantages = compute_advantages(token_rewards, values_old, mask, args.gamma, args.gae_lambda)  # N+ 5. GAE
-        returns = advantages + values_old  # N+ 6. returns Ret = A + V_old, the critic's target, before whitening
-        advantages = masked_whiten(advantages, mask) * mask  # N+ 7. whiten over the batch's valid tokens only
+        lam_actor = args.lam_actor  # VAPO: with --lam-actor-alpha, 1 - 1 / (alpha |y|) per completion
+        lam_actor = length_adaptive_lambda(mask.sum(-1), args.lam_actor_alpha) if args.lam_actor_alpha else lam_actor
+        # N+ 5. GAE, 6. returns Ret = A + V_old, the critic's target (VC-PPO: its own lambda), before whitening
+        advantages, returns = decoupled_gae(token_rewards, values_old, mask, args.gamma, lam_actor, args.lam_critic)
+        if args.whiten_advantages:
+            advantages = masked_whiten(advantages, mask) * mask  # N+ 7. whiten over the batch's valid tokens only
 
         # ---- 5. Update: num_epochs passes, each num_minibatches optimizer steps of whole groups -
         stats = StepStats()
@@ -478,7 +552,7 @@ def main(args: Args):
                    "score": scores.mean().item(), "beta": beta, "returns_mean": masked_mean(returns, mask).item(),
                    "explained_variance": explained_variance(returns, values_old, mask),  # the critic before its update
                    "explained_variance_after": explained_variance(returns, values_new, mask),  # and after it
-                   "learning_rate": args.learning_rate,
+                   "learning_rate": args.learning_rate, "lam_actor": torch.as_tensor(lam_actor).float().mean().item(),
                    "rollout_staleness": staleness, "step_time": time.perf_counter() - step_start}
         if args.kl_target > 0:  # Ziegler et al.: move beta towards the target KL per completion (every rank's)
             beta = adaptive_kl_beta(beta, all_gather(kl.sum(-1)).mean().item(), args.kl_target, args.kl_horizon,

@@ -148,11 +148,53 @@ def test_bad_batch_arithmetic_gives_one_line_naming_the_flags():
     assert error("--gamma", "1.5").startswith("error: --gamma")
     assert error("--sync-every", "2").startswith("error: --sync-every")
     assert error("--group-size", "0").startswith("error: --group-size")
-    for name, value in (("--num-epochs", "0"), ("--kl-horizon", "0"), ("--gae-lambda", "nan"), ("--vf-coef", "inf"),
+    for name, value in (("--num-epochs", "0"), ("--kl-horizon", "0"), ("--lam-actor", "nan"), ("--lam-critic", "1.5"),
+                        ("--lam-actor-alpha", "-1"), ("--value-warmup-steps", "-1"), ("--vf-coef", "inf"),
                         ("--penalty-reward-value", "-inf"), ("--cliprange-value", "0")):
         assert error(name, value).startswith(f"error: {name}"), name  # every count >= 1, every float finite
     assert error("--value-model", "shared", "--lora-rank", "8").startswith("error: --value-model")
     assert flag("micro_batch_size") == "--micro-batch-size"
+
+
+def test_decoupled_gae_with_equal_lambdas_is_the_one_gae_exactly():
+    """--lam-actor = --lam-critic: the same advantages and returns, bit for bit, as N+'s A = GAE(lambda),
+    Ret = A + V (what ppo.py's loop computed before the lambdas were decoupled)."""
+    torch.manual_seed(0)
+    rewards, values = torch.randn(5, 7), torch.randn(5, 7)
+    mask = (torch.arange(7) < torch.tensor([[7], [3], [1], [5], [6]])).float()
+    for lam in (0.95, 1.0, 0.0):
+        values_old = values * mask
+        expected = ppo.compute_advantages(rewards, values_old, mask, 1.0, lam)
+        advantages, returns = ppo.decoupled_gae(rewards, values_old, mask, 1.0, lam, lam)
+        assert torch.equal(advantages, expected) and torch.equal(returns, expected + values_old)
+
+
+def test_decoupled_gae_critic_target_at_lambda_one_is_the_return():
+    """lam_critic = 1, gamma = 1: Ret_t = sum_{s >= t} r_s whatever V is; the actor keeps its own lambda."""
+    rewards = torch.tensor([[0.0, -0.1, 1.0, 0.0]])
+    values = torch.tensor([[0.3, -2.0, 5.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = ppo.decoupled_gae(rewards, values * mask, mask, 1.0, 0.5, 1.0)
+    assert torch.allclose(returns, torch.tensor([[0.9, 0.9, 1.0, 0.0]]))
+    assert torch.allclose(advantages, ppo.compute_advantages(rewards, values * mask, mask, 1.0, 0.5))
+
+
+def test_length_adaptive_lambda_against_a_hand_computation():
+    """VAPO: lambda = 1 - 1 / (alpha |y|); |y| = 4, 10, 50 at alpha 0.1: 1 - 1/0.4 < 0 -> 0, 0, 0.8. Then GAE
+    with a per-completion lambda equals GAE run on each completion alone with its own lambda."""
+    lengths = torch.tensor([4.0, 10.0, 50.0])
+    assert torch.allclose(ppo.length_adaptive_lambda(lengths, 0.1), torch.tensor([0.0, 0.0, 0.8]))
+    assert ppo.length_adaptive_lambda(torch.tensor([200.0]), 0.05).item() == pytest.approx(0.9)
+    torch.manual_seed(1)
+    rewards, values, mask = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4)
+    lam = torch.tensor([0.3, 0.9])
+    both = ppo.compute_advantages(rewards, values, mask, 1.0, lam)
+    for i in range(2):
+        alone = ppo.compute_advantages(rewards[i:i + 1], values[i:i + 1], mask[i:i + 1], 1.0, lam[i].item())
+        assert torch.allclose(both[i:i + 1], alone)
+    # by hand, row 0 (lambda 0.3): A_3 = r_3 - V_3, A_2 = r_2 + V_3 - V_2 + 0.3 A_3
+    a3 = rewards[0, 3] - values[0, 3]
+    assert both[0, 2].item() == pytest.approx((rewards[0, 2] + values[0, 3] - values[0, 2] + 0.3 * a3).item(), abs=1e-6)
 
 
 def test_bad_flags_exit_without_a_traceback(tmp_path):
@@ -272,3 +314,47 @@ def test_ppo_learns(sft_run, tmp_path, monkeypatch):
     assert result["pass@1"] > before["pass@1"] + 0.06, (result["pass@1"], before["pass@1"])
     assert steps[0]["explained_variance"] == 0 and all(math.isfinite(r["explained_variance"]) for r in steps)
     print(json.dumps({"sft": before, "ppo": result}))
+
+
+def test_value_warmup_trains_the_critic_and_leaves_the_policy_bit_identical(sft_run, tmp_path, monkeypatch):
+    """VC-PPO's warm-up: 3 critic-only batches move the critic (its head leaves zero, its explained variance is
+    logged per batch) while every policy weight stays bit-identical; the data stream then goes on after them."""
+    from common.distributed import World
+    from common.models import load_model_and_tokenizer
+    from common.rollout import HFEngine, generate_and_score
+    from common.tasks import load_task
+
+    monkeypatch.chdir(tmp_path)
+    args = ppo.parse_args(["--model", sft_run[0], "--no-tensorboard", "--num-prompts", "4", "--value-warmup-steps",
+                           "3", "--lam-critic", "1"])
+    model, tokenizer = load_model_and_tokenizer(sft_run[0], torch.device("cpu"), torch.float32)
+    eos_ids = [tokenizer.eos_token_id]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    world = World(rank=0, size=1, device=torch.device("cpu"), launched=False)
+    value_model, critic, value_optimizer = ppo.build_critic(args, model, world, torch.float32)
+    task, engine = load_task(args.task), HFEngine(model, tokenizer, eos_ids)
+    sample = lambda position: generate_and_score(engine, tokenizer, task, position, 4, 1, 8, 1.0,  # noqa: E731
+                                                 task.max_new_tokens)
+    logger = RunLogger("runs/warm", args, "ppo")
+    position = ppo.warm_up_critic(args, sample, value_model, critic, value_optimizer, 32, task.max_new_tokens,
+                                  "runs/warm", logger)
+    assert position == 3 * 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert value_model.head.weight.abs().sum() > 0  # the critic moved
+    records = [r for r in read_metrics("runs/warm") if r.get("event") == "value_warmup"]
+    assert [r["warmup_step"] for r in records] == [1, 2, 3]
+    assert records[0]["explained_variance"] == 0 and all(math.isfinite(r["value_loss"]) for r in records)
+
+
+def test_ppo_with_the_critic_fixes_runs_end_to_end(sft_run, tmp_path, monkeypatch):
+    """Warm-up, decoupled lambdas and VAPO's lambda together through main(): the warm-up records come first (step 0),
+    then the steps; the logged lam_actor is the batch mean of 1 - 1 / (alpha |y|), clamped at 0."""
+    monkeypatch.chdir(tmp_path)
+    _ppo(sft_run[0], "--total-steps", "2", "--num-prompts", "4", "--eval-every", "0", "--value-warmup-steps", "2",
+         "--lam-critic", "1", "--lam-actor-alpha", "0.5")
+    records = read_metrics("runs/ppo")
+    assert [r.get("event") for r in records[:2]] == ["value_warmup"] * 2 and records[2]["step"] == 1
+    steps = _steps()
+    assert len(steps) == 2 and 0 < steps[0]["lam_actor"] < 1
+    assert steps[0]["explained_variance"] != 0  # the critic is no longer the zero head at step 1

@@ -1,0 +1,194 @@
+"""What ppo.py's critic buys, and the known fixes for one that buys nothing: every arm over 3 seeds.
+
+    python benchmarks/ppo_critic.py            # everything (~2.5 h on 2 cores; finished runs are reused)
+    python benchmarks/ppo_critic.py --only hard     # the harder setting: diagnosis + fixes (~1.5 h)
+    python benchmarks/ppo_critic.py --only default  # the default task (add_noisy) (~35 min)
+    python benchmarks/ppo_critic.py --only reasoning   # explained variance on countdown_steps (~15 min)
+
+Settings (nothing tuned; the seeds are the project's 1, 2, 3):
+- hard: add_carry_noisy (the teacher drops the carry 80% of the time on carry problems) from an SFT model trained
+  on that task with seed 4 (runs/c22_sft), where the issue measured PPO far behind its siblings.
+- default: add_noisy from runs/cmp_sft (the `compare` experiment's SFT model).
+- reasoning: countdown_steps from runs/sft_countdown_steps (benchmarks/reasoning_task.py), where intermediate steps
+  carry partial progress a critic could read.
+Every RL run samples the same number of completions: 200 batches of 16 prompts x 8. PPO's value warm-up batches
+count: 20 warm-up batches + 180 PPO steps. Evaluation: 200 held-out prompts x 16 samples at T = 1 (pass@1,
+unbiased), the same prompts for every run; the SFT model is evaluated the same way (seed 1).
+Diagnosis arms change one flag of PPO's defaults each (the issue's suspects): 1 epoch instead of 4, no KL
+(beta 0), no advantage whitening, no critic (its learning rate ~0, so V stays the zero head: A = the
+lambda-discounted return, whitened: REINFORCE with the batch-mean baseline). Fixes: decoupled GAE (lambda 1 for
+the critic, VC-PPO / VAPO), VC-PPO (value warm-up + decoupled GAE), VAPO (the same + length-adaptive lambda,
+alpha 0.05 as the paper).
+Prints per setting a table (mean [min, max] over seeds) and the issue's target (PPO's gain >= REINFORCE's - 3
+points) per arm and seed; writes docs/figures/ppo_critic_<setting>.png and .json.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.experiments import (FIGURES, REPO, SeedChecks, eval_record, mean_of, plot_bands, py,  # noqa: E402
+                                    run_all, save, spread, steps)
+
+SEEDS = (1, 2, 3)
+STEPS = 200
+WARMUP = 20
+EVAL = ["--num-eval-prompts", "200", "--num-eval-samples", "16", "--eval-every", "0", "--no-tensorboard"]
+SETTINGS = {  # name: (task, SFT run, the command that trains it, its expected seconds)
+    "hard": ("add_carry_noisy", "runs/c22_sft",
+             py("sft.py", "--task", "add_carry_noisy", "--seed", "4", "--run-name", "c22_sft", "--no-tensorboard"),
+             420),
+    "default": ("add_noisy", "runs/cmp_sft", py("sft.py", "--run-name", "cmp_sft", "--num-eval-samples", "64",
+                                                 "--no-tensorboard"), 300),
+}
+VC_PPO = ["--value-warmup-steps", str(WARMUP), "--lam-critic", "1", "--total-steps", str(STEPS - WARMUP)]
+ARMS = {  # name: (label, script, flags, expected seconds on one core)
+    "reinforce": ("REINFORCE", "reinforce.py", [], 90),
+    "grpo": ("GRPO", "grpo.py", [], 100),
+    "ppo": ("PPO (defaults)", "ppo.py", [], 330),
+    "ppo_epochs1": ("PPO, 1 epoch", "ppo.py", ["--num-epochs", "1"], 140),
+    "ppo_beta0": ("PPO, no KL (beta 0)", "ppo.py", ["--beta", "0"], 300),
+    "ppo_nowhiten": ("PPO, no advantage whitening", "ppo.py", ["--no-whiten-advantages"], 330),
+    "ppo_nocritic": ("PPO, no critic (V = 0)", "ppo.py", ["--vf-learning-rate", "1e-30"], 330),
+    "ppo_decoupled": ("PPO, decoupled GAE (lambda_critic 1)", "ppo.py", ["--lam-critic", "1"], 330),
+    "ppo_vcppo": ("PPO, VC-PPO (warm-up + decoupled)", "ppo.py", VC_PPO, 330),
+    "ppo_vapo": ("PPO, VAPO (VC-PPO + length-adaptive lambda)", "ppo.py", [*VC_PPO, "--lam-actor-alpha", "0.05"], 330),
+}
+SETTING_ARMS = {"hard": list(ARMS), "default": ["reinforce", "grpo", "ppo", "ppo_vcppo", "ppo_vapo"]}
+PPO_ARMS = [a for a in ARMS if a.startswith("ppo")]
+
+
+def run_name(setting: str, arm: str, seed: int) -> str:
+    return f"runs/c22_{setting}_{arm}_s{seed}"
+
+
+def plan(setting: str) -> list[tuple]:
+    task, sft, sft_cmd, sft_seconds = SETTINGS[setting]
+    out = [(sft, sft_cmd, sft_seconds)]
+    for arm in SETTING_ARMS[setting]:
+        _, script, flags, seconds = ARMS[arm]
+        total = [] if "--total-steps" in flags else ["--total-steps", str(STEPS)]
+        for seed in SEEDS:
+            run = run_name(setting, arm, seed)
+            out.append((run, py(script, "--model", sft, "--task", task, "--run-name", run[len("runs/"):], "--seed",
+                                str(seed), *total, *EVAL, *flags), seconds, [sft]))
+    return out
+
+
+def sft_eval(setting: str) -> dict:
+    """The SFT model's eval record with the RL runs' settings (200 prompts x 16, seed 1), cached in its folder."""
+    import json
+
+    import torch
+
+    from common.evaluation import evaluate
+    from common.models import load_model_and_tokenizer
+    from common.tasks import load_task
+
+    task, sft = SETTINGS[setting][:2]
+    path = os.path.join(REPO, sft, "eval_200x16_seed1.json")
+    if not os.path.exists(path):
+        model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, sft), torch.device("cpu"), torch.float32)
+        with open(path, "w") as f:
+            json.dump(evaluate(model.eval(), tokenizer, load_task(task), 200, 16, seed=1), f)
+    with open(path) as f:
+        return json.load(f)
+
+
+def report(setting: str) -> bool:
+    """The table, the figure and the target check of one setting, from its finished runs."""
+    arms = SETTING_ARMS[setting]
+    before = sft_eval(setting)["pass@1"]
+    runs = {arm: [run_name(setting, arm, s) for s in SEEDS] for arm in arms}
+    gain = {arm: [eval_record(r)["pass@1"] - before for r in rs] for arm, rs in runs.items()}
+
+    def sampled(rs, lo, hi):  # mean sampled accuracy of steps lo..hi (1-based), per seed
+        return [mean_of([r for r in steps(x) if lo <= r["step"] <= hi], "sampled_accuracy") for x in rs]
+
+    print(f"\n#### {setting}: {SETTINGS[setting][0]} from {SETTINGS[setting][1]} (pass@1 {before:.3f})\n")
+    columns = ["pass@1 gain", "pass@1", "sampled acc. steps 91-100", "last 10 steps", "EV (steps 1-10 -> last 20)",
+               "KL last 20"]
+    print("| arm | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    data = {"sft_pass@1": before, "arms": {}}
+    for arm, rs in runs.items():
+        last = len(steps(rs[0]))
+        ev = ([mean_of(steps(r)[:10], "explained_variance") for r in rs],
+              [mean_of(steps(r)[-20:], "explained_variance") for r in rs]) if arm.startswith("ppo") else None
+        kl = [mean_of(steps(r)[-20:], "kl") for r in rs]
+        row = {"gain": gain[arm], "pass@1": [eval_record(r)["pass@1"] for r in rs],
+               "sampled_91_100": sampled(rs, 91, 100), "sampled_last10": sampled(rs, last - 9, last), "kl": kl,
+               "ev_first10": ev[0] if ev else None, "ev_last20": ev[1] if ev else None}
+        data["arms"][arm] = row
+        cells = [spread(row["gain"]), spread(row["pass@1"]), spread(row["sampled_91_100"]),
+                 spread(row["sampled_last10"]), f"{spread(ev[0])} -> {spread(ev[1])}" if ev else "-",
+                 spread(kl) if all(k == k for k in kl) else "-"]
+        print(f"| {ARMS[arm][0]} | " + " | ".join(cells) + " |")
+    check = SeedChecks()
+    for arm in arms:
+        if arm.startswith("ppo"):
+            check(f"{setting}: {ARMS[arm][0]} gains >= REINFORCE's - 0.03",
+                  [g >= r - 0.03 for g, r in zip(gain[arm], gain["reinforce"])],
+                  f"{spread(gain[arm])} vs REINFORCE {spread(gain['reinforce'])}")
+    data["checks"] = check.results
+    save(f"ppo_critic_{setting}", data)
+    shown = [a for a in ("reinforce", "grpo", "ppo", "ppo_decoupled", "ppo_vcppo", "ppo_vapo") if a in arms]
+    plot_bands({ARMS[a][0]: runs[a] for a in shown}, [("sampled_accuracy", "sampled accuracy (pass@1 of the batch)"),
+                                                      ("explained_variance", "explained variance (PPO's critic)")],
+               f"ppo_critic_{setting}")
+    return check.ok
+
+
+def reasoning_plan() -> list[tuple]:
+    """PPO on countdown_steps: 20 steps after 20 warm-up batches (VC-PPO) or none, to read the critic's EV."""
+    out = []
+    for arm, flags in (("ppo", []), ("ppo_vcppo", ["--value-warmup-steps", str(WARMUP), "--lam-critic", "1"])):
+        for seed in SEEDS:
+            run = run_name("reasoning", arm, seed)
+            out.append((run, py("ppo.py", "--model", "runs/sft_countdown_steps", "--task", "countdown_steps",
+                                "--run-name", run[len("runs/"):], "--seed", str(seed), "--total-steps", "20",
+                                "--num-eval-prompts", "100", "--num-eval-samples", "4", "--eval-every", "0",
+                                "--no-tensorboard", *flags), 400))
+    return out
+
+
+def reasoning_report() -> dict:
+    def warmup(run):
+        from common.tracking import read_metrics
+
+        return [r for r in read_metrics(os.path.join(REPO, run)) if r.get("event") == "value_warmup"]
+
+    data = {}
+    print("\n#### reasoning: countdown_steps from runs/sft_countdown_steps, PPO 20 steps\n")
+    print("| arm | EV, last 5 warm-up batches | EV, PPO steps 1-5 | EV, PPO steps 16-20 |\n|---|---:|---:|---:|")
+    for arm in ("ppo", "ppo_vcppo"):
+        rs = [run_name("reasoning", arm, s) for s in SEEDS]
+        w = [mean_of(warmup(r)[-5:], "explained_variance") for r in rs] if arm == "ppo_vcppo" else None
+        first, last = ([mean_of(steps(r)[:5], "explained_variance") for r in rs],
+                       [mean_of(steps(r)[-5:], "explained_variance") for r in rs])
+        data[arm] = {"ev_warmup_last5": w, "ev_steps_1_5": first, "ev_steps_16_20": last}
+        print(f"| {arm} | {spread(w) if w else '-'} | {spread(first)} | {spread(last)} |")
+    save("ppo_critic_reasoning", data)
+    return data
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["hard", "default", "reasoning"])
+    parser.add_argument("--report", action="store_true", help="only print the tables from finished runs")
+    args = parser.parse_args()
+    settings = [args.only] if args.only else ["hard", "default", "reasoning"]
+    if not args.report:
+        run_all([p for s in settings for p in (reasoning_plan() if s == "reasoning" else plan(s))], False, jobs=2)
+    ok = True
+    for setting in settings:
+        if setting == "reasoning":
+            reasoning_report()
+        else:
+            ok = report(setting) and ok
+    print(f"\nfigures and numbers in {os.path.relpath(FIGURES, REPO)}/ppo_critic_*")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
