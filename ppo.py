@@ -21,10 +21,10 @@ Departures from N+: the value model starts from the *policy* (N+: from the rewar
 none) with a zero head; --value-model shared puts the head on the policy's trunk; 16 prompts x G = 8
 completions per batch, grpo.py's batch (N+: G = 1); --kl-target: Ziegler et al.'s adaptive KL controller.
 
-Note: GAE with lambda < 1 discounts the final reward towards early tokens (lambda^(|y|-t)); reasoning-RL
-recipes (Open-Reasoner-Zero, VC-PPO) use --gae-lambda 1. Here answers are 3 tokens long (N+'s 0.95 is fine).
-On the default task the critic learns the mean return but not which answers are right: explained variance
-stays ~0 (a perfect critic: 0.3-0.45), so PPO here acts like REINFORCE with a mean baseline (docs/ppo.md).
+Critic fixes, each a flag (docs/spec.md §4): --value-warmup-steps N (VC-PPO: fit the critic to the starting
+policy before the policy moves), --lam-critic 1 (VC-PPO / VAPO: the critic's target is the return, the actor
+keeps --lam-actor), --lam-actor-alpha (VAPO: lambda_actor = 1 - 1 / (alpha |y|)). What they buy on this
+world, 3 seeds: docs/ppo.md, "What the critic buys here".
 
 Run:  python sft.py && python ppo.py        python ppo.py --value-model shared        --help
 """
