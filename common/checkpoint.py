@@ -102,9 +102,12 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
     A damaged checkpoint (a truncated file, a half-copied folder) exits with one line that
     names the file and the way out, not a SafetensorError traceback.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     inner = distributed.unwrap(model)
+    # reward_model.py --mode bt trains a scalar head on the trunk: its checkpoint loads as what it is
+    auto = AutoModelForSequenceClassification if "ForSequenceClassification" in type(inner).__name__ else \
+        AutoModelForCausalLM
     try:
         if hasattr(inner, "get_base_model"):  # LoRA: the base is args.model; only the adapters trained
             from peft import set_peft_model_state_dict
@@ -112,7 +115,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
             set_peft_model_state_dict(inner, load_file(os.path.join(path, "adapter", "adapter_model.safetensors")))
         else:
-            weights = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
+            weights = auto.from_pretrained(path, dtype=next(model.parameters()).dtype).state_dict()
             distributed.load_full_state_dict(model, weights)
     except Exception as e:  # SafetensorError, OSError, size mismatches: all mean "this folder is not usable"
         _damaged(path, "model.safetensors", e)

@@ -161,6 +161,10 @@ class RLRunArgs(RunArgs):
     """--rollout vllm: the engine's dtype; auto = bf16 on CUDA, the trainer's --dtype on CPU"""
     sync_every: int = 1
     """--rollout vllm: copy the trainer's weights into vLLM every k steps (k > 1: samples up to k-1 steps stale)"""
+    # ---- learned reward ------------------------------------------------------------------------
+    reward_model: str = ""
+    """a reward_model.py run (bt or judge): its score replaces the verifier's in the advantage; the verifier
+    still runs and is logged as the gold accuracy. "" = the verifier is the reward"""
 
 
 def validate_run(args: RunArgs):
@@ -184,3 +188,14 @@ def validate_run(args: RunArgs):
             print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")
         check(args.sync_every == 1 or (args.rollout == "vllm" and args.sync_every > 1), "sync_every",
               "must be >= 1, and 1 with --rollout hf: HF generate always samples with the current weights")
+        if args.reward_model:
+            check_reward_model_folder(args.reward_model)
+
+
+def check_reward_model_folder(path: str):
+    """--reward-model is a folder reward_model.py wrote (it holds reward_model.json), else one line says what it is."""
+    check(os.path.isdir(path), "reward_model", f"{path}: no such folder; train one with `python reward_model.py` "
+          "(it writes runs/reward_model)")
+    check(os.path.isfile(os.path.join(path, "reward_model.json")), "reward_model",
+          f"{path} is not a reward_model.py run (no reward_model.json)"
+          + ("; it holds a policy (pass it as --model)" if os.path.isfile(os.path.join(path, "config.json")) else ""))

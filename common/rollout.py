@@ -161,12 +161,14 @@ def generate(engine, model, tokenizer, prompts, n=1, temperature=1.0, max_new_to
 
 def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int, seed: int, group_size: int,
                        temperature: float, max_new_tokens: int, top_p: float = 1.0,
-                       format_weight: float = 0.0) -> Rollout:
+                       format_weight: float = 0.0, reward_model=None) -> Rollout:
     """One rollout round: prompts `position .. position + num_prompts - 1` of the task's shuffled
     prompt stream, group_size completions each, every completion scored.
 
     R_i = correct + format_weight * format. The stream is a pure function of (seed, position), so a
-    resumed run sees the same prompts.
+    resumed run sees the same prompts. With a `reward_model` (common/learned_reward.py, --reward-model)
+    R_i = proxy + format_weight * format, the proxy logged as reward_terms["proxy"]; the verifier still
+    runs and reward_terms["correct"] stays its verdict (the gold accuracy a proxy can drift from).
     """
     rows = task.prompts[rows_at(len(task.prompts), position, num_prompts, seed)]
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
@@ -178,6 +180,11 @@ def generate_and_score(engine, tokenizer, task, position: int, num_prompts: int,
     rollout.reward_terms = {k: torch.tensor(v, device=device) for k, v in terms.items()}  # (B,) each
     rollout.rewards = torch.tensor(rewards, device=device)  # (B,)
     rollout.reasons = reasons
+    if reward_model is not None:  # a learned reward replaces the verifier's grade (Ouyang et al. 2022)
+        questions = [rows["question"][i] for i in rollout.prompt_index.tolist()]
+        proxy = reward_model.score(rollout, questions, answers)  # (B,)
+        rollout.reward_terms["proxy"] = proxy
+        rollout.rewards = proxy + format_weight * rollout.reward_terms["format"]  # (B,)
     return rollout
 
 
