@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("sft.py", "grpo.py", "reinforce.py", "ppo.py", "sft_rl_mixed.py")
+SCRIPTS = ("sft.py", "grpo.py", "reinforce.py", "ppo.py", "sft_rl_mixed.py", "dpo.py")
 # offline, quiet, one thread: no hub or wandb lookups (a hang there would look like the script's)
 ENV = dict(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
            WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")

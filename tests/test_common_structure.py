@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 COMMON = Path(__file__).resolve().parent.parent / "common"
-SCRIPTS = {"sft", "grpo", "ppo", "reinforce", "sft_rl_mixed"}
+SCRIPTS = {"sft", "grpo", "ppo", "reinforce", "sft_rl_mixed", "dpo", "reward_model"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -50,7 +50,7 @@ SKIP = {
 # drawn from small edge values only.
 SMALL = {"total_steps", "num_prompts", "group_size", "batch_size", "max_new_tokens", "num_eval_prompts",
          "num_eval_samples", "num_epochs", "num_minibatches", "max_resample_rounds", "tiny_hidden_size",
-         "tiny_num_layers", "lora_rank", "eval_every"}
+         "tiny_num_layers", "lora_rank", "eval_every", "num_pair_prompts"}
 # Values of str flags worth trying beyond "" and an unknown one. No real GPU (--device cuda), no absolute
 # or hub paths (a run stays on the CPU, offline and inside its temp folder), no qwen2-tiny:random (its
 # BPE model takes 30-120 s for two steps on 2 cores).
@@ -67,7 +67,8 @@ SMALL_INTS = ["0", "-1", "1", "2", "3"]
 FLOATS = ["0", "-1", "1", "0.5", "1e-09", "1000000000.0", "nan", "inf", "-inf"]
 # A quick run: two steps, tiny batches, no periodic evaluation, a small final one. Drawn flags replace these.
 BASE = dict(total_steps="2", num_prompts="2", group_size="2", batch_size="4", micro_batch_size="4",
-            eval_every="0", num_eval_prompts="2", num_eval_samples="1", tensorboard=False, tiny_hidden_size="32")
+            eval_every="0", num_eval_prompts="2", num_eval_samples="1", tensorboard=False, tiny_hidden_size="32",
+            num_pair_prompts="8")
 
 
 def flag(name: str) -> str:
