@@ -43,6 +43,7 @@ from common.cli import (RLRunArgs, check, check_at_least, check_fraction, check_
                         rollout_batch_sizes)
 from common.distributed import all_gather, any_rank, fewest_over_ranks, gather_rows, own_rows, wrap_model
 from common.evaluation import greedy_accuracy
+from common.learned_reward import load_reward_model
 from common.logprobs import masked_mean, rollout_logprobs, score_rollout, top_tokens
 from common.minibatch import minibatches
 from common.models import frozen_reference, load_policy, trainable_parameters
@@ -457,6 +458,7 @@ def main(args: Args):
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
     engine = build_engine(args, model, tokenizer, eos_ids, task, max_new_tokens, dtype, world.device, rank_rows)
+    reward_model = load_reward_model(args.reward_model, tokenizer, world.device, dtype)  # --reward-model, or None
 
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
@@ -472,7 +474,8 @@ def main(args: Args):
 
     def sample_prompts(position: int) -> Rollout:  # this rank's share of num_prompts prompts, G completions each
         rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
-                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
+                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight,
+                                     reward_model)
         if args.overlong_cache_len != 0:  # DAPO: a soft penalty over the last L_cache tokens of the budget
             rollout = overlong_shaping(rollout, max_new_tokens, args.overlong_cache_len)
         return rollout

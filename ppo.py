@@ -44,6 +44,7 @@ from common.cli import RLRunArgs, check, check_at_least, check_positive, rollout
 from common.distributed import (all_gather, full_state_dict, load_full_state_dict, load_optimizer_state_dict,
                                 optimizer_state_dict, rank, wrap_model)
 from common.evaluation import greedy_accuracy
+from common.learned_reward import load_reward_model
 from common.logprobs import batch_moments, masked_mean, masked_var, position_ids_from_mask, rollout_logprobs, \
     score_rollout
 from common.minibatch import minibatches
@@ -440,6 +441,7 @@ def main(args: Args):
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
     engine = build_engine(args, model, tokenizer, eos_ids, task, max_new_tokens, dtype, world.device, rank_rows)
+    reward_model = load_reward_model(args.reward_model, tokenizer, world.device, dtype)  # --reward-model, or None
 
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
@@ -457,7 +459,8 @@ def main(args: Args):
 
     def sample_prompts(position: int) -> Rollout:  # this rank's share of num_prompts prompts, G completions each
         rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
-                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
+                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight,
+                                     reward_model)
         return rollout
 
     if args.value_warmup_steps and not args.resume:  # VC-PPO: fit the critic to the starting policy first

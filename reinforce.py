@@ -47,6 +47,7 @@ from common.checkpoint import resume_from, save_checkpoint
 from common.cli import RLRunArgs, check, check_at_least, check_positive, rollout_batch_sizes
 from common.distributed import all_gather, wrap_model
 from common.evaluation import greedy_accuracy
+from common.learned_reward import load_reward_model
 from common.logprobs import batch_moments, rollout_logprobs, score_rollout
 from common.minibatch import minibatches
 from common.models import frozen_reference, load_policy, trainable_parameters
@@ -256,6 +257,7 @@ def main(args: Args):
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
     engine = build_engine(args, model, tokenizer, eos_ids, task, max_new_tokens, dtype, world.device, rank_rows)
+    reward_model = load_reward_model(args.reward_model, tokenizer, world.device, dtype)  # --reward-model, or None
 
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position, ema, greedy_rewards = 0, 0, 0.0, None  # ema, greedy_rewards: the EMA's, ReMax's b
@@ -271,7 +273,8 @@ def main(args: Args):
 
     def sample_prompts(position: int) -> Rollout:  # this rank's share of num_prompts prompts, G completions each
         rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
-                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
+                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight,
+                                     reward_model)
         return rollout
 
     progress = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps, desc="reinforce",
@@ -286,7 +289,7 @@ def main(args: Args):
             with timed(times, "baseline"):
                 greedy_rewards = generate_and_score(engine, tokenizer, task, data_position + world.rank * rank_prompts,
                                                     rank_prompts, args.seed, 1, 0.0, max_new_tokens, 1.0,
-                                                    args.format_weight).rewards  # (B / G,): R of the greedy one
+                                                    args.format_weight, reward_model).rewards  # (B / G,)
         data_position += args.num_prompts
 
         # ---- 3. Advantage: A_i = R_i - b, the same for every token (REINFORCE++: per token, in 4.) ---

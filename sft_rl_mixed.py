@@ -50,6 +50,7 @@ from common.checkpoint import resume_from, save_checkpoint
 from common.cli import RLRunArgs, arg_error, check, check_at_least, check_positive, rollout_batch_sizes
 from common.distributed import all_gather, all_reduce, fewest_over_ranks, wrap_model
 from common.evaluation import greedy_accuracy
+from common.learned_reward import load_reward_model
 from common.logprobs import (entropy_from_logits, rollout_logits, rollout_logprobs, score_rollout,
                              selective_log_softmax)
 from common.minibatch import Minibatch, minibatches
@@ -408,6 +409,7 @@ def main(args: Args):
     # ---- Setup: rollout engine (HF generate, or vLLM colocated on this device) ---------------
     # Built before a resume restores the RNG: the vLLM engine re-seeds torch's global generator.
     engine = build_engine(args, model, tokenizer, eos_ids, task, max_new_tokens, dtype, world.device, rank_rows)
+    reward_model = load_reward_model(args.reward_model, tokenizer, world.device, dtype)  # --reward-model, or None
 
     # ---- Setup: resume, logger ----------------------------------------------------------------
     start_step, data_position = 0, 0
@@ -423,7 +425,8 @@ def main(args: Args):
 
     def sample_prompts(position: int) -> tuple[Rollout, Rollout | None]:  # this rank's share of num_prompts prompts
         rollout = generate_and_score(engine, tokenizer, task, position + world.rank * rank_prompts, rank_prompts,
-                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight)
+                                     args.seed, G, args.temperature, max_new_tokens, args.top_p, args.format_weight,
+                                     reward_model)
         expert = demonstration_rollout(tokenizer, task, position + world.rank * rank_prompts, rank_prompts, args.seed,
                                        "expert", eos_ids[0], max_new_tokens, world.device) if uses_expert else None
         return rollout, expert  # G completions each; weighted / luffy: the expert's completion of each, one row
