@@ -399,7 +399,7 @@ def first_steps(key: str, n: int = 10):
 
 
 def plot_bands(groups: dict[str, list[str]], keys: list[tuple[str, str]], name: str, smooth: int = 10,
-               x_key: str = "step"):
+               x_key: str = "step", log_keys: tuple = ()):
     """docs/figures/<name>.png: per panel a step key, per group the mean over its seeds (trailing mean of `smooth`
     steps) with the min-max band; x_key "cpu" puts cumulative step_time on the x axis instead of the step."""
     from common.plot import STYLE, _pyplot, series
@@ -422,6 +422,8 @@ def plot_bands(groups: dict[str, list[str]], keys: list[tuple[str, str]], name: 
                 ax.fill_between(xs, [min(v) for v in ys], [max(v) for v in ys], color=f"C{i % 10}", alpha=0.2)
             ax.set_xlabel("CPU seconds of training (mean over seeds)" if x_key == "cpu" else "step")
             ax.set_title(title)
+            if key in log_keys:
+                ax.set_yscale("log")
         axes[0][0].legend(fontsize=9)
         fig.suptitle(f"mean of seeds {', '.join(map(str, SEEDS))}; band = min-max")
         fig.tight_layout()
@@ -429,7 +431,7 @@ def plot_bands(groups: dict[str, list[str]], keys: list[tuple[str, str]], name: 
         plt.close(fig)
 
 
-def plot_passk_bands(groups: dict[str, list[dict]], name: str):
+def plot_passk_bands(groups: dict[str, list[dict]], name: str, task: str = "countdown_steps", prompts: int = 100):
     """docs/figures/<name>.png: pass@k for k = 1..64 (log2 axis), mean over seeds and the min-max band."""
     from common.plot import STYLE, _pyplot, passk_points
 
@@ -446,8 +448,8 @@ def plot_passk_bands(groups: dict[str, list[dict]], name: str):
         ax.set_xticks([1, 2, 4, 8, 16, 32, 64], ["1", "2", "4", "8", "16", "32", "64"])
         ax.minorticks_off()
         ax.set_xlabel("k (samples per prompt, log2 scale)")
-        ax.set_ylabel("pass@k (unbiased, T = 1, 100 held-out problems)")
-        ax.set_title(f"countdown_steps, mean of seeds {', '.join(map(str, SEEDS))}; band = min-max")
+        ax.set_ylabel(f"pass@k (unbiased, T = 1, {prompts} held-out problems)")
+        ax.set_title(f"{task}, mean of seeds {', '.join(map(str, SEEDS))}; band = min-max")
         ax.legend(loc="best")
         fig.tight_layout()
         fig.savefig(os.path.join(FIGURES, f"{name}.png"))
@@ -886,12 +888,164 @@ def passk_training(fresh: bool) -> bool:
 PHENOMENA.update({"dont": dont, "generalise": generalise, "passk_training": passk_training})
 
 
+# ---- learned rewards and preferences, on add_noisy from the `compare` SFT model ---------------------------------
+
+# Each arm: (script, flags, expected seconds per run on one core); every run starts from SFT (runs/cmp_sft) on
+# add_noisy, where a reward model and DPO train in minutes, and samples the same 25,600 completions: GRPO 200 steps
+# of 16 x 8; online DPO 100 steps of 64 prompts x 4; offline DPO's pair set 6,400 prompts x 4.
+# (l) The reward model is trained on a limited, noisy set of pairs (128 prompts' pairs, 20% of the labels swapped),
+# the regime where Gao et al. 2023 see over-optimisation. beta ~ 0 is 1e-6, not 0, so that the reference is loaded
+# and the KL logged; its pull is nil.
+BT_RM = ("runs/ph_rm_bt", py("reward_model.py", "--policy", SFT, "--run-name", "ph_rm_bt", "--num-pair-prompts",
+                             "128", "--label-noise", "0.2", "--no-tensorboard"), 240)
+BT_RM_MORE = ("runs/ph_rm_bt_more", py("reward_model.py", "--policy", SFT, "--run-name", "ph_rm_bt_more",
+                                       "--no-tensorboard"), 480)  # the default: 1,024 prompts' pairs, clean labels
+JUDGE_RM = ("runs/ph_rm_judge", py("reward_model.py", "--mode", "judge", "--policy", SFT, "--run-name", "ph_rm_judge",
+                                   "--num-pair-prompts", "128", "--no-tensorboard"), 300)
+LEARNED = {
+    "rm_beta0": ("grpo.py", ["--reward-model", BT_RM[0], "--beta", "1e-6"], 200),
+    "rm_beta": ("grpo.py", ["--reward-model", BT_RM[0], "--beta", "0.1"], 200),
+    "rm_more_beta0": ("grpo.py", ["--reward-model", BT_RM_MORE[0], "--beta", "1e-6"], 200),
+    "judge_beta0": ("grpo.py", ["--reward-model", JUDGE_RM[0], "--beta", "1e-6"], 260),
+    "pf_grpo": ("grpo.py", [], 150),
+    "pf_dpo": ("dpo.py", ["--num-pair-prompts", "6400"], 200),
+    "pf_odpo": ("dpo.py", ["--online", "--total-steps", "100"], 200),
+}
+
+
+def learned_plan(*arms: str, seeds=SEEDS) -> list[tuple]:
+    plan = [(*SFT_RUN, [])] if not finished(SFT) else []
+    for arm in arms:
+        script, flags, seconds = LEARNED[arm]
+        needs = [rm[0] for rm in (BT_RM, BT_RM_MORE, JUDGE_RM) if rm[0] in flags]
+        plan += [(rm[0], rm[1], rm[2], [SFT]) for rm in (BT_RM, BT_RM_MORE, JUDGE_RM) if rm[0] in flags]
+        for seed in seeds:
+            run = f"ph_{arm}_s{seed}"
+            plan.append((f"runs/{run}", py(script, "--model", SFT, "--task", "add_noisy", "--run-name", run, "--seed",
+                                          str(seed), *([] if "--total-steps" in flags else ["--total-steps", "200"]),
+                                          *EVAL, "--eval-every", "0", *flags), seconds, [SFT, *needs]))
+    return plan
+
+
+SFT_RUN = sft_plan()
+
+
+def heldout_kl(run: str, num_prompts: int = 100, samples: int = 8) -> float:
+    """KL(pi || pi_SFT) per completion on held-out prompts, mean of sum_t (log pi - log pi_SFT) over the policy's own
+    samples at T = 1 (the unbiased k1 estimate): one KL every arm, DPO's included, is measured by. Cached in the run."""
+    import torch
+
+    from common.logprobs import rollout_logprobs
+    from common.models import load_model_and_tokenizer
+    from common.rollout import generate_hf
+    from common.tasks import format_prompt, load_task
+
+    path = os.path.join(REPO, run, "heldout_kl.json")
+    if not os.path.exists(path):
+        task = load_task("add_noisy")
+        model, tokenizer = load_model_and_tokenizer(os.path.join(REPO, run), torch.device("cpu"), torch.float32)
+        ref = load_model_and_tokenizer(os.path.join(REPO, SFT), torch.device("cpu"), torch.float32)[0].eval()
+        prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in task.test["question"][:num_prompts]]
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            rollout = generate_hf(model.eval(), tokenizer, prompts, samples, 1.0, task.max_new_tokens, 1.0,
+                                  [tokenizer.eos_token_id])
+            mask = rollout.completion_mask.float()  # (B, C)
+            kl = ((rollout_logprobs(model, rollout)[0] - rollout_logprobs(ref, rollout)[0]) * mask).sum(-1).mean()
+        with open(path, "w") as f:
+            json.dump({"kl": kl.item(), "prompts": num_prompts, "samples": samples}, f)
+    with open(path) as f:
+        return json.load(f)["kl"]
+
+
+def overopt(fresh: bool) -> bool:
+    """(l) Gao et al. 2023, reward-model over-optimisation: GRPO on a Bradley-Terry reward model trained on few, noisy
+    pairs, beta ~ 0 and beta 0.1, and on one trained on 8x the pairs with clean labels: the proxy reward keeps rising;
+    does the gold (verifier) accuracy peak and fall, and at what KL? One run (seed 1) against the judge as well."""
+    run_all(learned_plan("rm_beta0", "rm_beta") + learned_plan("judge_beta0", seeds=(1,))
+            + learned_plan("rm_more_beta0"), fresh, jobs=2)
+    for rm in (BT_RM, BT_RM_MORE, JUDGE_RM):
+        e = eval_record(rm[0])
+        print(f"reward model `{rm[0]}`: held-out pair accuracy {e.get('pair_accuracy', float('nan')):.3f}, "
+              f"agreement (AUC) with the verifier {e.get('agreement', float('nan')):.3f}")
+    arms = {"rm_beta0": "GRPO on the BT reward model, beta ~ 0", "rm_beta": "GRPO on the BT reward model, beta 0.1",
+            "rm_more_beta0": "GRPO on the BT reward model of 8x the clean pairs, beta ~ 0"}
+    check, data = SeedChecks(), {"reward_model": eval_record(BT_RM[0]), "reward_model_more": eval_record(BT_RM_MORE[0]),
+                                 "judge": eval_record(JUDGE_RM[0]), "arms": {}}
+
+    def trace(run):  # per step, trailing mean of 10: proxy reward, gold accuracy, KL to the reference
+        from common.plot import series
+
+        return {k: series(steps(run), key, smooth=10)[1] for k, key in
+                (("proxy", "reward/proxy"), ("gold", "sampled_accuracy"), ("kl", "kl"))}
+
+    print("\n| arm | proxy first 10 -> last 10 | gold: first 10, peak (step), last 10 | KL at the gold peak -> last |"
+          "\n|---|---:|---:|---:|")
+    for arm, label in {**arms, "judge_beta0": "GRPO on the judge, beta ~ 0 (seed 1)"}.items():
+        runs = [f"runs/ph_{arm}_s{seed}" for seed in (SEEDS if arm in arms else (1,))]
+        per = []
+        for run in runs:
+            t = trace(run)
+            peak = max(range(len(t["gold"])), key=t["gold"].__getitem__)
+            per.append({"proxy_first": t["proxy"][9], "proxy_last": t["proxy"][-1], "gold_first": t["gold"][9],
+                        "gold_peak": t["gold"][peak], "peak_step": peak + 1, "gold_last": t["gold"][-1],
+                        "kl_at_peak": t["kl"][peak], "kl_last": t["kl"][-1], "pass@1": eval_record(run)["pass@1"]})
+        data["arms"][arm] = per
+        col = lambda k, per=per: spread([p[k] for p in per])  # noqa: E731
+        print(f"| {label} | {col('proxy_first')} -> {col('proxy_last')} | {col('gold_first')}, {col('gold_peak')} "
+              f"(step {', '.join(str(p['peak_step']) for p in per)}), {col('gold_last')} | {col('kl_at_peak')} -> "
+              f"{col('kl_last')} |")
+        if arm in arms:
+            check(f"(l) {label}: the proxy reward rises", [p["proxy_last"] > p["proxy_first"] for p in per],
+                  f"{col('proxy_first')} -> {col('proxy_last')}")
+            check(f"(l) {label}: gold accuracy peaks and then falls (last 10 steps >= 0.03 below the peak)",
+                  [p["gold_peak"] - p["gold_last"] >= 0.03 for p in per], f"peak {col('gold_peak')}, last "
+                  f"{col('gold_last')}")
+    plot_bands({label: [f"runs/ph_{arm}_s{s}" for s in SEEDS] for arm, label in arms.items()},
+               [("reward/proxy", "proxy reward (the reward model's score)"),
+                ("sampled_accuracy", "gold accuracy (the verifier, sampled)"), ("kl", "KL to the reference (log)")],
+               "ph_overopt", log_keys=("kl",))
+    data["checks"] = check.results
+    save("ph_overopt", data)
+    return check.ok
+
+
+def prefs(fresh: bool) -> bool:
+    """(m) Preferences vs rewards: offline DPO on pairs from the SFT model, online DPO, GRPO, from the same SFT model
+    at the same number of samples: pass@1, pass@8 and KL to the SFT model. Does online beat offline here?"""
+    arms = {"pf_dpo": "offline DPO", "pf_odpo": "online DPO", "pf_grpo": "GRPO"}
+    run_all(learned_plan(*arms), fresh, jobs=2)
+    columns = {"pass@1": final("pass@1"), "pass@8": final("pass@8"), "greedy": final("accuracy"),
+               "KL to SFT (held-out, per completion)": heldout_kl,
+               "train seconds": lambda r: sum(x.get("step_time") or 0 for x in steps(r))}
+    sft = eval_record(SFT)
+    print(f"\nSFT (`{SFT}`): pass@1 {sft['pass@1']:.3f}, pass@8 {sft['pass@8']:.3f}\n" + arm_table(arms, columns))
+    p1 = {a: per_seed(a, final("pass@1")) for a in arms}
+    check = SeedChecks()
+    for arm in arms:
+        check(f"(m) {arms[arm]} raises pass@1 above the SFT model's", [v > sft["pass@1"] for v in p1[arm]],
+              f"{spread(p1[arm])} vs {sft['pass@1']:.3f}")
+    check("(m) online DPO beats offline DPO at pass@1", [a > b for a, b in zip(p1["pf_odpo"], p1["pf_dpo"])],
+          f"{spread(p1['pf_odpo'])} vs {spread(p1['pf_dpo'])}")
+    check("(m) GRPO beats offline DPO at pass@1", [a > b for a, b in zip(p1["pf_grpo"], p1["pf_dpo"])],
+          f"{spread(p1['pf_grpo'])} vs {spread(p1['pf_dpo'])}")
+    plot_passk_bands({"SFT": [sft] * len(SEEDS), **{label: [eval_record(r) for r in arm_runs(arm)]
+                                                     for arm, label in arms.items()}}, "ph_prefs", "add_noisy", 200)
+    save("ph_prefs", {"sft": sft, "arms": {a: {c: per_seed(a, fn) for c, fn in columns.items()} for a in arms},
+                      "checks": check.results})
+    return check.ok
+
+
+PHENOMENA.update({"overopt": overopt, "prefs": prefs})
+
+
 PHENOMENON_ARMS = {"entropy": ["grpo", "clip_cov", "nsr", "ent_bonus", "temp", "grpo_mb4", "kl_cov_mb4"],
                    "passk": ["grpo"],
                    "forking": ["grpo", "top20", "bottom80"], "signs": ["grpo", "psr", "nsr", "w_reinforce"],
                    "distill": ["grpo", "distill"], "wrongref": ["grpo", "wrongref20"], "entropy_sign": ["grpo"],
                    "dont": ["nomul_sft1x", "nomul_sft2x", "nomul_sft4x", "nomul_grpo", "nomul_nsr"],
-                   "generalise": ["grpo", "sft_longer"], "passk_training": ["grpo", "passk4", "passk16"]}
+                   "generalise": ["grpo", "sft_longer"], "passk_training": ["grpo", "passk4", "passk16"],
+                   "overopt": [], "prefs": []}  # these two run their own plan on add_noisy (learned_plan)
 
 
 def phenomena(only: str | None, fresh: bool) -> bool:
