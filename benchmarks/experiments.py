@@ -10,6 +10,9 @@
         distill       (g) on-policy distillation vs GRPO: steps and CPU seconds to a better teacher's pass@1
         wrongref      (e) 20% wrong reference targets, and the wrong-vs-hard audit
         entropy_sign  does Cov(log pi, A) predict the sign of the next entropy change?
+        dont, generalise, passk_training   (j), (i), (k)
+        overopt       (l) GRPO on a learned reward model: proxy vs gold accuracy vs KL (add_noisy, ~25 min)
+        prefs         (m) offline DPO, online DPO, GRPO at equal samples (add_noisy, ~16 min)
     python benchmarks/experiments.py figures     # redraw docs/figures/curve_<script>.png from compare.json, no training
 
 `compare` runs on add_noisy and holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT
