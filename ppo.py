@@ -23,8 +23,8 @@ completions per batch, grpo.py's batch (N+: G = 1); --kl-target: Ziegler et al.'
 
 Critic fixes, each a flag (docs/spec.md §4): --value-warmup-steps N (VC-PPO: fit the critic to the starting
 policy before the policy moves), --lam-critic 1 (VC-PPO / VAPO: the critic's target is the return, the actor
-keeps --lam-actor), --lam-actor-alpha (VAPO: lambda_actor = 1 - 1 / (alpha |y|)). What they buy on this
-world, 3 seeds: docs/ppo.md, "What the critic buys here".
+keeps --lam-actor), --lam-actor-alpha (VAPO: lambda_actor = 1 - 1 / (alpha |y|)). What they buy, 3 seeds, and
+why --num-epochs 1 matches REINFORCE where N+'s 4 fit the critic's noise: docs/ppo.md, "What the critic buys here".
 
 Run:  python sft.py && python ppo.py        python ppo.py --value-model shared        --help
 """
@@ -65,8 +65,8 @@ class Args(RLRunArgs):  # + the flags every RL script shares (run, hardware, eva
     value_model: Literal["separate", "shared"] = "separate"
     """the critic: a separate copy of the starting policy's trunk + a scalar head, or the head on the policy's trunk"""
     # ---- rollout ---------------------------------------------------------------------------
-    total_steps: int = 100
-    """steps: one rollout batch each, trained on with num_epochs * num_minibatches optimizer steps"""
+    total_steps: int = 200
+    """steps: one rollout batch each (200: its siblings' sample budget), trained num_epochs * num_minibatches times"""
     num_prompts: int = 16
     """prompts per rollout batch, over all ranks (each of N torchrun processes samples num_prompts / N)"""
     group_size: int = 8

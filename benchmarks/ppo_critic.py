@@ -1,9 +1,10 @@
 """What ppo.py's critic buys, and the known fixes for one that buys nothing: every arm over 3 seeds.
 
-    python benchmarks/ppo_critic.py            # everything (~2.5 h on 2 cores; finished runs are reused)
-    python benchmarks/ppo_critic.py --only hard     # the harder setting: diagnosis + fixes (~1.5 h)
-    python benchmarks/ppo_critic.py --only default  # the default task (add_noisy) (~35 min)
-    python benchmarks/ppo_critic.py --only reasoning   # explained variance on countdown_steps (~15 min)
+    python benchmarks/ppo_critic.py            # everything (~3 h on 2 cores; finished runs are reused)
+    python benchmarks/ppo_critic.py --only hard     # the harder setting: diagnosis + fixes (~2 h)
+    python benchmarks/ppo_critic.py --only default  # the default task (add_noisy) (~40 min)
+    python benchmarks/ppo_critic.py --only reasoning   # explained variance on countdown_steps (~20 min)
+    python benchmarks/ppo_critic.py --report   # the tables and figures from the finished runs, no training
 
 Settings (nothing tuned; the seeds are the project's 1, 2, 3):
 - hard: add_carry_noisy (the teacher drops the carry 80% of the time on carry problems) from an SFT model trained
@@ -14,11 +15,14 @@ Settings (nothing tuned; the seeds are the project's 1, 2, 3):
 Every RL run samples the same number of completions: 200 batches of 16 prompts x 8. PPO's value warm-up batches
 count: 20 warm-up batches + 180 PPO steps. Evaluation: 200 held-out prompts x 16 samples at T = 1 (pass@1,
 unbiased), the same prompts for every run; the SFT model is evaluated the same way (seed 1).
-Diagnosis arms change one flag of PPO's defaults each (the issue's suspects): 1 epoch instead of 4, no KL
-(beta 0), no advantage whitening, no critic (its learning rate ~0, so V stays the zero head: A = the
-lambda-discounted return, whitened: REINFORCE with the batch-mean baseline). Fixes: decoupled GAE (lambda 1 for
-the critic, VC-PPO / VAPO), VC-PPO (value warm-up + decoupled GAE), VAPO (the same + length-adaptive lambda,
-alpha 0.05 as the paper).
+Diagnosis arms (100 steps, read against PPO's defaults at steps 91-100) change one flag of PPO's defaults each
+(the issue's suspects): 1 epoch instead of 4, no KL (beta 0), no advantage whitening, no critic (its learning rate
+~0, so V stays the zero head: A = the lambda-discounted return, whitened: REINFORCE with the batch-mean baseline),
+decoupled GAE alone (lambda 1 for the critic). Fixes at 200 batches: VC-PPO (value warm-up + decoupled GAE), VAPO
+(the same + length-adaptive lambda, alpha 0.05 as the paper), and 1 epoch, where the diagnosis pointed.
+Runs start in order of what the docs need first (the diagnosis, the baselines, the reasoning task, VC-PPO); the
+whitening, decoupled-alone and VAPO arms come last. Measured on the shared 2 cores: a 200-step PPO run ~10 min
+(4 epochs), ~4 min (1 epoch); REINFORCE / GRPO ~2 min.
 Prints per setting a table (mean [min, max] over seeds) and the issue's target (PPO's gain >= REINFORCE's - 3
 points) per arm and seed; writes docs/figures/ppo_critic_<setting>.png and .json.
 """
@@ -28,8 +32,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.experiments import (FIGURES, REPO, SeedChecks, eval_record, mean_of, plot_bands, py,  # noqa: E402
-                                    run_all, save, spread, steps)
+from benchmarks.experiments import (FIGURES, REPO, SeedChecks, eval_record, finished, mean_of,  # noqa: E402
+                                    plot_bands, py, run_all, save, spread, steps)
 
 SEEDS = (1, 2, 3)
 STEPS = 200
@@ -50,15 +54,18 @@ ARMS = {  # name: (label, script, flags, expected seconds on one core)
     "ppo": ("PPO (defaults)", "ppo.py", [], 330),
     "ppo_vcppo": ("PPO, VC-PPO (warm-up + decoupled)", "ppo.py", VC_PPO, 330),
     "ppo_vapo": ("PPO, VAPO (VC-PPO + length-adaptive lambda)", "ppo.py", [*VC_PPO, "--lam-actor-alpha", "0.05"], 330),
+    "ppo_1epoch": ("PPO, 1 epoch", "ppo.py", ["--num-epochs", "1"], 140),
     "ppo_epochs1": ("PPO, 1 epoch (100 steps)", "ppo.py", [*SHORT, "--num-epochs", "1"], 70),
     "ppo_nocritic": ("PPO, no critic: V = 0 (100 steps)", "ppo.py", [*SHORT, "--vf-learning-rate", "1e-30"], 165),
     "ppo_beta0": ("PPO, no KL: beta 0 (100 steps)", "ppo.py", [*SHORT, "--beta", "0"], 150),
     "ppo_nowhiten": ("PPO, no advantage whitening (100 steps)", "ppo.py", [*SHORT, "--no-whiten-advantages"], 165),
     "ppo_decoupled": ("PPO, decoupled GAE: lambda_critic 1 (100 steps)", "ppo.py", [*SHORT, "--lam-critic", "1"], 165),
 }
-SETTING_ARMS = {"hard": list(ARMS), "default": ["reinforce", "grpo", "ppo", "ppo_vcppo"]}
-# the order runs start in: what the issue's target needs first, the one-flag diagnosis after
+SETTING_ARMS = {"hard": list(ARMS), "default": ["reinforce", "ppo", "ppo_vcppo", "ppo_1epoch"]}
+# the order runs start in: the one-flag diagnosis, the baselines, the critic on the reasoning task, VC-PPO, the rest
 ORDER = ["reinforce", "grpo", "ppo", "ppo_vcppo"]
+DIAGNOSIS = ["ppo_epochs1", "ppo_nocritic", "ppo_beta0", "ppo_1epoch"]  # the last: what the diagnosis pointed at
+REST = ["ppo_vapo", "ppo_nowhiten", "ppo_decoupled"]
 
 
 def run_name(setting: str, arm: str, seed: int) -> str:
@@ -100,7 +107,8 @@ def sft_eval(setting: str) -> dict:
 
 def report(setting: str) -> bool:
     """The table, the figure and the target check of one setting, from its finished runs."""
-    arms = SETTING_ARMS[setting]
+    arms = [a for a in SETTING_ARMS[setting] if all(finished(run_name(setting, a, seed)) for seed in SEEDS)]
+    print(f"not run (yet): {', '.join(a for a in SETTING_ARMS[setting] if a not in arms) or 'none'}")
     before = sft_eval(setting)["pass@1"]
     runs = {arm: [run_name(setting, arm, s) for s in SEEDS] for arm in arms}
     gain = {arm: [eval_record(r)["pass@1"] - before for r in rs] for arm, rs in runs.items()}
@@ -138,7 +146,7 @@ def report(setting: str) -> bool:
                   f"{spread(gain[arm])} vs REINFORCE {spread(gain['reinforce'])}")
     data["checks"] = check.results
     save(f"ppo_critic_{setting}", data)
-    shown = [a for a in ("reinforce", "grpo", "ppo", "ppo_vcppo", "ppo_vapo") if a in arms]
+    shown = [a for a in ("reinforce", "grpo", "ppo", "ppo_vcppo", "ppo_1epoch", "ppo_vapo") if a in arms]
     plot_bands({ARMS[a][0]: runs[a] for a in shown}, [("sampled_accuracy", "sampled accuracy (pass@1 of the batch)"),
                                                       ("explained_variance", "explained variance (PPO's critic)")],
                f"ppo_critic_{setting}")
@@ -148,7 +156,7 @@ def report(setting: str) -> bool:
 def reasoning_plan() -> list[tuple]:
     """PPO on countdown_steps: 10 steps after 20 warm-up batches (VC-PPO) or none, to read the critic's EV."""
     out = []
-    for arm, flags in (("ppo", []), ("ppo_vcppo", ["--value-warmup-steps", str(WARMUP), "--lam-critic", "1"])):
+    for arm, flags in (("ppo_vcppo", ["--value-warmup-steps", str(WARMUP), "--lam-critic", "1"]), ("ppo", [])):
         for seed in SEEDS:
             run = run_name("reasoning", arm, seed)
             out.append((run, py("ppo.py", "--model", "runs/sft_countdown_steps", "--task", "countdown_steps",
@@ -169,6 +177,9 @@ def reasoning_report() -> dict:
     print("| arm | EV, last 5 warm-up batches | EV, PPO steps 1-5 | EV, PPO steps 6-10 |\n|---|---:|---:|---:|")
     for arm in ("ppo", "ppo_vcppo"):
         rs = [run_name("reasoning", arm, s) for s in SEEDS]
+        if not all(finished(r) for r in rs):
+            print(f"| {arm} | not run (yet) | | |")
+            continue
         w = [mean_of(warmup(r)[-5:], "explained_variance") for r in rs] if arm == "ppo_vcppo" else None
         first, last = ([mean_of(steps(r)[:5], "explained_variance") for r in rs],
                        [mean_of(steps(r)[-5:], "explained_variance") for r in rs])
@@ -186,9 +197,12 @@ def main():
     settings = [args.only] if args.only else ["hard", "default", "reasoning"]
     if not args.report:
         trained = [s for s in settings if s != "reasoning"]
-        first = [p for s in trained for p in plan(s, [a for a in ORDER if a in SETTING_ARMS[s]])]
-        later = [p for s in trained for p in plan(s, [a for a in SETTING_ARMS[s] if a not in ORDER])]
-        run_all(first + (reasoning_plan() if "reasoning" in settings else []) + later, False, jobs=2)
+        reasoning = reasoning_plan() if "reasoning" in settings else []
+
+        def stage(arms):
+            return [p for s in trained for p in plan(s, [a for a in arms if a in SETTING_ARMS[s]])]
+        run_all(stage(DIAGNOSIS) + stage(ORDER[:3]) + reasoning[:len(SEEDS)] + stage(ORDER) + reasoning[len(SEEDS):]
+                + stage(REST), False, jobs=2)
     ok = True
     for setting in settings:
         if setting == "reasoning":
