@@ -55,6 +55,25 @@ def sft_run(tmp_path_factory):
     return str(root / "runs" / "sft"), result
 
 
+@pytest.fixture
+def interrupt_at():
+    """interrupt_at(monkeypatch, step): RunLogger.log raises KeyboardInterrupt at that step's record, as if the
+    user pressed Ctrl-C during the step (after its update, before its checkpoint): the resume tests' stop."""
+    from common.tracking import RunLogger
+
+    def patch(monkeypatch, step: int):
+        original = RunLogger.log
+
+        def log(self, s, metrics):
+            if s == step and "event" not in metrics:
+                raise KeyboardInterrupt
+            return original(self, s, metrics)
+
+        monkeypatch.setattr(RunLogger, "log", log)
+
+    return patch
+
+
 SLOW_MODULES = ("test_distributed.py", "test_vllm.py", "test_fuzz_flags.py", "test_lora.py", "test_qwen_offline.py")
 
 

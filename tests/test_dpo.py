@@ -22,7 +22,7 @@ import dpo
 from common.logprobs import rollout_logprobs
 from common.models import build_char_tokenizer, build_tiny_model
 from common.preferences import PreferencePairs, load_pairs, save_pairs
-from common.tracking import RunLogger, read_metrics
+from common.tracking import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--no-tensorboard", "--num-eval-prompts", "8", "--num-eval-samples", "2", "--eval-every", "0"]
@@ -240,24 +240,13 @@ def test_gradient_does_not_depend_on_micro_batch_size(sft_run, tmp_path, monkeyp
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def _interrupt_at(monkeypatch, step):
-    original = RunLogger.log
-
-    def log(self, s, metrics):
-        if s == step and "event" not in metrics:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this step
-        return original(self, s, metrics)
-
-    monkeypatch.setattr(RunLogger, "log", log)
-
-
 @pytest.mark.parametrize("mode", [[], ["--online"]], ids=["offline", "online"])
-def test_resume_continues_exactly(sft_run, tmp_path, monkeypatch, mode):
+def test_resume_continues_exactly(sft_run, tmp_path, monkeypatch, mode, interrupt_at):
     monkeypatch.chdir(tmp_path)
     flags = [*SMALL, *mode, "--total-steps", "6", "--save-every", "2"]
     _dpo(sft_run[0], *flags, "--run-name", "straight")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 5)
+        interrupt_at(m, 5)
         with pytest.raises(KeyboardInterrupt):
             _dpo(sft_run[0], *flags, "--run-name", "resumed")
     real = dpo.sample_graded

@@ -14,7 +14,7 @@ import grpo
 import sft
 from common.evaluation import evaluate
 from common.tasks import load_task
-from common.tracking import RunLogger, read_metrics
+from common.tracking import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(tensorboard=False)
@@ -51,28 +51,17 @@ def test_metrics_jsonl_contract(sft_run):
     assert {"accuracy", "pass@1", "pass@2", "pass@4", "pass@8"} <= set(final)
 
 
-def _interrupt_at(monkeypatch, step):
-    original = RunLogger.log
-
-    def log(self, s, metrics):
-        if s == step and "event" not in metrics:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during this step
-        return original(self, s, metrics)
-
-    monkeypatch.setattr(RunLogger, "log", log)
-
-
 def _weights(run_dir):
     return AutoModelForCausalLM.from_pretrained(run_dir).state_dict()
 
 
-def test_sft_resume_continues_exactly(tmp_path, monkeypatch):
+def test_sft_resume_continues_exactly(tmp_path, monkeypatch, interrupt_at):
     monkeypatch.chdir(tmp_path)
     small = dict(total_steps=12, save_every=4, eval_every=0, num_eval_prompts=8, num_eval_samples=2,
                  tiny_hidden_size=32, batch_size=32, micro_batch_size=32, **QUIET)
     sft.main(sft.Args(run_name="straight", **small))
     with monkeypatch.context() as m:
-        _interrupt_at(m, 11)
+        interrupt_at(m, 11)
         with pytest.raises(KeyboardInterrupt):
             sft.main(sft.Args(run_name="resumed", **small))
     sft.main(sft.Args(run_name="resumed", resume=True, **small))
@@ -323,12 +312,12 @@ def test_grpo_docs_list_every_metric_a_grpo_step_logs(sft_run, tmp_path, monkeyp
         assert f"`{shown}" in section, f"docs/grpo.md's Logged metrics does not list {key}"
 
 
-def test_grpo_resume_continues_exactly(sft_run, tmp_path, monkeypatch):
+def test_grpo_resume_continues_exactly(sft_run, tmp_path, monkeypatch, interrupt_at):
     monkeypatch.chdir(tmp_path)
     flags = ["--total-steps", "6", "--save-every", "2", "--num-prompts", "4"]
     _grpo(sft_run[0], *flags, "--run-name", "straight")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 5)
+        interrupt_at(m, 5)
         with pytest.raises(KeyboardInterrupt):
             _grpo(sft_run[0], *flags, "--run-name", "resumed")
     _grpo(sft_run[0], *flags, "--run-name", "resumed", "--resume")
