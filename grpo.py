@@ -441,7 +441,7 @@ def mismatch_weights(logp_old, logp_rollout, mask, args: Args):
 
 def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
-    task = load_task(args.task)
+    task = load_task(args.task, max_turns=args.max_turns, call_cost=args.tool_call_cost)  # a tool task's flags
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "grpo")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
@@ -507,7 +507,7 @@ def main(args: Args):
         if args.advantage != "group":  # Chen et al. 2025 / verl: the group's pass@k, not each sample's pass@1
             advantages = pass_at_k_objective(rollout, args)  # passk_advantages or best_of_group_advantages
         advantages = advantages.view(-1)
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the tokens the policy sampled (not tool observations)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
 

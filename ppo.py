@@ -161,18 +161,20 @@ def compute_advantages(token_rewards: torch.Tensor, values: torch.Tensor, mask: 
         delta_t = r_t + gamma V_{t+1} - V_t          (V after the last real token = 0: the episode ends)
         A_t     = delta_t + gamma lambda A_{t+1}
 
-    token_rewards, values, mask (B, C), right-padded -> advantages (B, C), 0 on padding. V_t is the value
-    of the state *before* y_t (see token_values). gamma = lambda = 1 gives A_t = sum_{s>=t} r_s - V_t.
+    token_rewards, values, mask (B, C), right-padded -> advantages (B, C), 0 on padding; a hole in the mask (a
+    tool's observation: the environment's move, not an action) is skipped. V_t is the value of the state *before*
+    y_t (see token_values). gamma = lambda = 1 gives A_t = sum_{s>=t} r_s - V_t.
     gae_lambda: one number, or (B,) one per completion (VAPO's length-adaptive lambda).
     >>> compute_advantages(torch.tensor([[0., 0., 1.]]), torch.full((1, 3), 0.5), torch.ones(1, 3), 1.0, 0.5)
     tensor([[0.1250, 0.2500, 0.5000]])
     """
     values, token_rewards = values * mask, token_rewards * mask  # (B, C): padding is past the end of the episode
-    advantages, running = torch.zeros_like(token_rewards), torch.zeros_like(token_rewards[:, 0])  # (B, C), (B,)
-    for t in reversed(range(token_rewards.shape[1])):
-        next_values = values[:, t + 1] if t + 1 < token_rewards.shape[1] else torch.zeros_like(running)
+    advantages, running, next_values = torch.zeros_like(token_rewards), torch.zeros_like(token_rewards[:, 0]), 0.0
+    for t in reversed(range(token_rewards.shape[1])):  # next_values: V of the next *policy* token, (B,)
         delta = token_rewards[:, t] + gamma * next_values - values[:, t]  # (B,)
-        running = delta + gamma * gae_lambda * running
+        valid = mask[:, t].bool()  # (B,) a masked token (padding, an observation) leaves the recursion as it is
+        running = torch.where(valid, delta + gamma * gae_lambda * running, running)
+        next_values = torch.where(valid, values[:, t], next_values)
         advantages[:, t] = running
     return advantages * mask
 
@@ -186,7 +188,7 @@ def compute_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Te
     tensor([[-0.0500,  0.9000,  0.0000]])
     """
     token_rewards = torch.where(mask.bool(), -beta * kl, 0.0)  # (B, C)
-    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) index of the last real token
+    last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(-1)  # (B,) the last real token
     token_rewards[torch.arange(len(scores)), last] += scores
     return token_rewards
 
@@ -396,7 +398,7 @@ def warm_up_critic(args: Args, sample_prompts, value_model, critic, value_optimi
     for i in tqdm(range(args.value_warmup_steps), desc="value warm-up", disable=rank() != 0):
         rollout = sample_prompts(data_position)
         data_position += args.num_prompts
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the tokens the policy sampled (not tool observations)
         scores = rollout.rewards.float()  # (B,), N+ 3. missing-EOS penalty as in the loop
         if args.non_eos_penalty:
             scores = torch.where(rollout.is_eos, scores, torch.full_like(scores, args.penalty_reward_value))
@@ -423,7 +425,7 @@ def warm_up_critic(args: Args, sample_prompts, value_model, critic, value_optimi
 
 def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
-    task = load_task(args.task)
+    task = load_task(args.task, max_turns=args.max_turns, call_cost=args.tool_call_cost)  # a tool task's flags
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "ppo")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
@@ -481,7 +483,7 @@ def main(args: Args):
         data_position += args.num_prompts
 
         # ---- 3. Advantage: per token, by GAE; it needs 4. Score's logp_old, logp_ref and V_old, so it follows it
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the tokens the policy sampled (not tool observations)
 
         # ---- 4. Score: logprobs of the rollout-time policy and of the reference (no grad) -------
         with timed(times, "score"):  # (B, C) each, or None when not needed

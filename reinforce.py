@@ -240,7 +240,7 @@ def sign_weights(correct, mode: str, w_reinforce_lambda: float):
 
 def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
-    task = load_task(args.task)
+    task = load_task(args.task, max_turns=args.max_turns, call_cost=args.tool_call_cost)  # a tool task's flags
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "reinforce")  # world: this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
@@ -298,7 +298,7 @@ def main(args: Args):
             advantages = sign_weights(advantages, args.sign_weighting, args.w_reinforce_lambda)
         if args.baseline == "ema":  # b <- decay b + (1 - decay) mean(R), the batch's over every rank; A used the old b
             ema_used, ema = ema, args.ema_decay * ema + (1 - args.ema_decay) * all_gather(rollout.rewards).mean().item()
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the tokens the policy sampled (not tool observations)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
 

@@ -167,7 +167,7 @@ def main(args: Args):
                                         "demonstration", eos_ids[0], args.max_new_tokens, world.device, split="train")
         data_position += args.batch_size
         # ---- 2. Reward, 3. Advantage, 4. Score: none, w = 1 on every demonstration token ---------
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the demonstrator's tokens (not tool observations)
 
         # ---- 5. Update: one optimizer step on the whole batch (1 epoch x 1 minibatch) ------------
         for minibatch in minibatches(policy, mask, 1, 1, 1, micro_size):

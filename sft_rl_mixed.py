@@ -388,7 +388,7 @@ def slice_accuracy(task, rollout: Rollout, position: int, seed: int) -> dict:
 
 def main(args: Args):
     # ---- Setup: task, batch arithmetic, run folder, device ----------------------------------
-    task = load_task(args.task)
+    task = load_task(args.task, max_turns=args.max_turns, call_cost=args.tool_call_cost)  # a tool task's flags
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     world, run_dir, dtype = start_run(args, "sft_rl_mixed")  # this process among torchrun's (1 of 1 under python)
     rank_rows, micro_size = validate(args, max_new_tokens, world.size)  # rank_rows: this rank's rows per step
@@ -460,7 +460,7 @@ def main(args: Args):
             batch_std = all_gather(rewards).std() if args.scale_rewards == "batch" else None  # over every rank
             advantages = compute_advantages(rewards, args.scale_rewards, args.std_eps, batch_std)
             advantages, expert_advantages = advantages[:, :G].reshape(-1, 1), advantages[:, G:]  # (B, 1), LUFFY's
-        mask = rollout.completion_mask.float()  # (B, C)
+        mask = rollout.policy_mask.float()  # (B, C) the tokens the policy sampled (not tool observations)
         if args.mask_truncated:  # completions cut at max_new_tokens say nothing about the answer
             mask = mask * rollout.is_eos.float().unsqueeze(-1)
 
@@ -481,7 +481,7 @@ def main(args: Args):
             for minibatch in minibatches(policy, mask, group, args.num_epochs, args.num_minibatches, micro_size):
                 split = SourceSplit(model, step, args)  # for the log: the loss and gradient by source
                 if uses_expert:  # weighted / luffy: the expert's row of each of these groups, counted over all ranks
-                    experts = Minibatch([], minibatch.rows[::G] // G, expert.completion_mask, micro_size)
+                    experts = Minibatch([], minibatch.rows[::G] // G, expert.policy_mask, micro_size)
                 if args.mode == "luffy":  # one objective over the mixed groups of G + 1: the normalisers count both
                     minibatch.num_seqs += experts.num_seqs
                     minibatch.num_tokens += experts.num_tokens
@@ -514,7 +514,7 @@ def main(args: Args):
                                           max_new_tokens)
                     loss = (1 - mu) * loss if args.mode == "weighted" else loss  # weighted: (1 - mu) L_GRPO + mu L_SFT
                     if uses_expert and len(expert_rows := micro_rows[micro_rows % G == 0] // G):  # groups starting here
-                        e, em = expert[expert_rows], expert.completion_mask[expert_rows]  # em: (e, C*)
+                        e, em = expert[expert_rows], expert.policy_mask[expert_rows]  # em: (e, C*)
                         temperature = 1.0 if args.mode == "weighted" else args.temperature  # sft.py scores at T = 1
                         logp_e = rollout_logprobs(policy, e, temperature=temperature)[0]  # (e, C*)
                         if args.mode == "weighted":  # mu * sft.py's loss: the NLL's token mean over the expert's tokens
@@ -552,7 +552,7 @@ def main(args: Args):
         if args.mode == "weighted":  # the SFT share of this step
             metrics["mu"] = mu
         if args.mode == "rft":  # the share of sampled tokens that became training data
-            metrics["frac_tokens_accepted"] = float(rollout.completion_mask.sum() / everything.completion_mask.sum())
+            metrics["frac_tokens_accepted"] = float(rollout.policy_mask.sum() / everything.policy_mask.sum())
         if args.eval_every and (step + 1) % args.eval_every == 0:
             metrics["eval_accuracy"] = greedy_accuracy(model, tokenizer, task, 64, max_new_tokens, engine, eos_ids)
         logger.log(step + 1, metrics)

@@ -13,6 +13,7 @@
         dont, generalise, passk_training   (j), (i), (k)
         overopt       (l) GRPO on a learned reward model: proxy vs gold accuracy vs KL (add_noisy, ~25 min)
         prefs         (m) offline DPO, online DPO, GRPO at equal samples (add_noisy, ~16 min)
+        tools         (n) SFT vs GRPO on the tool task tool_calc: does RL learn to call the tool? (~15 min)
     python benchmarks/experiments.py figures     # redraw docs/figures/curve_<script>.png from compare.json, no training
 
 `compare` runs on add_noisy and holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT
@@ -1042,13 +1043,77 @@ def prefs(fresh: bool) -> bool:
 PHENOMENA.update({"overopt": overopt, "prefs": prefs})
 
 
+# ---- (n) tool use: does RL learn to call the tool where it helps, and not where it does not? ------------------------
+
+# One SFT model on tool_calc (its teacher calls the tool in 30% of the demonstrations and otherwise guesses the product,
+# or adds by itself on `add`), then GRPO from it for each seed, with calls free and with a price of 0.1 a call: every
+# run samples multi-turn rollouts (common/environment.py). Evaluation: 200 held-out prompts (half `mul`, half `add`)
+# x 8 samples at T = 1; `tool_call_rate` is the share of those samples that call the tool.
+TOOL_EVAL = ["--num-eval-prompts", "200", "--num-eval-samples", "8", "--eval-every", "0", "--no-tensorboard"]
+TOOL_SFT = ("runs/tool_sft", py("sft.py", "--task", "tool_calc", "--run-name", "tool_sft", "--total-steps", "800",
+                                "--seed", "1", *TOOL_EVAL), 300)
+TOOL_GRPO_STEPS = 40
+TOOL_ARMS = {"tool_grpo": ("GRPO, calls free", []),
+             "tool_grpo_cost": ("GRPO, 0.1 a call", ["--tool-call-cost", "0.1"])}
+
+
+def tools(fresh: bool) -> bool:
+    """(n) SFT vs GRPO on the tool task: call rate and accuracy per slice. On `mul` a call is right and a guess is
+    wrong, so GRPO should call there nearly always; on `add` a call buys nothing: free, nothing pushes the rate either
+    way (but what is learnt on `mul` may spill over); at 0.1 a call, GRPO should stop calling there."""
+    grpo = lambda arm, seed, flags: py("grpo.py", "--model", TOOL_SFT[0], "--task", "tool_calc", "--run-name",
+                                       f"{arm}_s{seed}", "--seed", str(seed), "--total-steps", str(TOOL_GRPO_STEPS),
+                                       *TOOL_EVAL, *flags)
+    plan = [TOOL_SFT] + [(f"runs/{arm}_s{seed}", grpo(arm, seed, flags), 90, [TOOL_SFT[0]])
+                         for arm, (_, flags) in TOOL_ARMS.items() for seed in SEEDS]
+    run_all(plan, fresh, jobs=2)
+    sft = eval_record(TOOL_SFT[0])
+    runs = {arm: [f"runs/{arm}_s{seed}" for seed in SEEDS] for arm in TOOL_ARMS}
+    keys = [("tool_call_rate/mul", "call rate, mul"), ("pass@1/mul", "pass@1, mul"),
+            ("tool_call_rate/add", "call rate, add"), ("pass@1/add", "pass@1, add")]
+    ev = {arm: {k: [eval_record(r)[k] for r in rs] for k, _ in keys} for arm, rs in runs.items()}
+    print("\n| model | " + " | ".join(label for _, label in keys) + " |\n|---|" + "---:|" * len(keys))
+    print(f"| SFT (`{TOOL_SFT[0]}`, one model) | " + " | ".join(f"{sft[k]:.3f}" for k, _ in keys) + " |")
+    for arm, (label, _) in TOOL_ARMS.items():
+        print(f"| {label}, {TOOL_GRPO_STEPS} steps (`runs/{arm}_s*`) | " +
+              " | ".join(spread(ev[arm][k]) for k, _ in keys) + " |")
+    check, free, cost = SeedChecks(), ev["tool_grpo"], ev["tool_grpo_cost"]
+    for arm, (label, _) in TOOL_ARMS.items():
+        check(f"(n) {label}: calls the tool on `mul` more than SFT (by >= 0.3)",
+              [v >= sft["tool_call_rate/mul"] + 0.3 for v in ev[arm]["tool_call_rate/mul"]],
+              f"{spread(ev[arm]['tool_call_rate/mul'])} vs SFT {sft['tool_call_rate/mul']:.3f}")
+        check(f"(n) {label}: pass@1 on `mul` above SFT's", [v > sft["pass@1/mul"] for v in ev[arm]["pass@1/mul"]],
+              f"{spread(ev[arm]['pass@1/mul'])} vs SFT {sft['pass@1/mul']:.3f}")
+    check("(n) GRPO, calls free: the call rate on `add` (no gain there) stays within 0.1 of SFT's",
+          [abs(v - sft["tool_call_rate/add"]) <= 0.1 for v in free["tool_call_rate/add"]],
+          f"{spread(free['tool_call_rate/add'])} vs SFT {sft['tool_call_rate/add']:.3f}")
+    check("(n) GRPO, 0.1 a call: calls on `add` less than SFT (by >= 0.1) and on `mul` more (by >= 0.3)",
+          [a <= sft["tool_call_rate/add"] - 0.1 and m >= sft["tool_call_rate/mul"] + 0.3
+           for a, m in zip(cost["tool_call_rate/add"], cost["tool_call_rate/mul"])],
+          f"add {spread(cost['tool_call_rate/add'])}, mul {spread(cost['tool_call_rate/mul'])}")
+    check("(n) GRPO, 0.1 a call: pass@1 on `add` no lower than SFT's - 0.02",
+          [v >= sft["pass@1/add"] - 0.02 for v in cost["pass@1/add"]],
+          f"{spread(cost['pass@1/add'])} vs SFT {sft['pass@1/add']:.3f}")
+    plot_bands({label: runs[arm] for arm, (label, _) in TOOL_ARMS.items()},
+               [("tool/call_rate", "share of samples that call the tool (both slices)"),
+                ("sampled_accuracy", "sampled accuracy"),
+                ("tool/accuracy_without_call", "sampled accuracy of samples without a call")], "ph_tools", smooth=5)
+    save("ph_tools", {"sft": sft, **{arm: {r: eval_record(r) for r in rs} for arm, rs in runs.items()},
+                      "checks": check.results})
+    return check.ok
+
+
+PHENOMENA["tools"] = tools
+
+
 PHENOMENON_ARMS = {"entropy": ["grpo", "clip_cov", "nsr", "ent_bonus", "temp", "grpo_mb4", "kl_cov_mb4"],
                    "passk": ["grpo"],
                    "forking": ["grpo", "top20", "bottom80"], "signs": ["grpo", "psr", "nsr", "w_reinforce"],
                    "distill": ["grpo", "distill"], "wrongref": ["grpo", "wrongref20"], "entropy_sign": ["grpo"],
                    "dont": ["nomul_sft1x", "nomul_sft2x", "nomul_sft4x", "nomul_grpo", "nomul_nsr"],
                    "generalise": ["grpo", "sft_longer"], "passk_training": ["grpo", "passk4", "passk16"],
-                   "overopt": [], "prefs": []}  # these two run their own plan on add_noisy (learned_plan)
+                   "overopt": [], "prefs": [],  # these two run their own plan on add_noisy (learned_plan)
+                   "tools": []}  # its own plan on tool_calc
 
 
 def phenomena(only: str | None, fresh: bool) -> bool:
@@ -1058,7 +1123,7 @@ def phenomena(only: str | None, fresh: bool) -> bool:
 
     names = [only] if only else list(PHENOMENA)
     arms = list(dict.fromkeys(a for n in names for a in PHENOMENON_ARMS[n]))
-    plan = [(CDS_SFT, py("sft.py", *SFT_FLAGS), 560)]
+    plan = [(CDS_SFT, py("sft.py", *SFT_FLAGS), 560)] if arms else []  # overopt, prefs, tools: their own SFT
     plan += [(*TEACHER, [CDS_SFT])] if "distill" in arms else []
     plan += [(run, cmd, sec, [CDS_SFT, *needs]) for run, cmd, sec, needs in arm_plan(*arms)]
     run_all(plan, fresh, jobs=2)
@@ -1074,10 +1139,15 @@ EXPERIMENTS = {"compare": compare}
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=[*EXPERIMENTS, "phenomena", "figures"])
+    parser.add_argument("experiment", nargs="?", choices=[*EXPERIMENTS, "phenomena", "figures"],
+                        help="phenomena is the default with --only")
     parser.add_argument("--only", choices=list(PHENOMENA), help="phenomena: just this one")
     parser.add_argument("--fresh", action="store_true", help="re-run finished runs too")
     args = parser.parse_args()
+    if args.experiment is None and args.only:  # `experiments.py --only tools` = `experiments.py phenomena --only tools`
+        args.experiment = "phenomena"
+    if args.experiment is None:
+        parser.error("name an experiment (compare, phenomena, figures) or --only a phenomenon")
     if args.experiment == "figures":  # redraw from the saved numbers; checks nothing
         figures()
         return

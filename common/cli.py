@@ -153,6 +153,10 @@ class RLRunArgs(RunArgs):
     """completion budget; 0 = the task's default"""
     top_p: float = 1.0
     """nucleus sampling; < 1 biases the importance ratio (the trainer does not truncate)"""
+    max_turns: int = 0
+    """a tool task (tool_calc): policy turns per completion, tool calls in between; 0 = the task's own (3)"""
+    tool_call_cost: float = 0.0
+    """a tool task: R_i loses this per tool call (logged as reward/call_cost); 0 = calls are free"""
     rollout: Literal["hf", "vllm"] = "hf"
     """rollout backend: HF generate, or a vLLM engine in this process (pip install -e '.[cpu]' or '.[gpu]')"""
     vllm_gpu_memory_utilization: float = 0.3
@@ -182,7 +186,7 @@ def validate_run(args: RunArgs):
     check(re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", args.run_name or "x") is not None and ".." not in args.run_name,
           "run_name", f"{args.run_name!r} is not a folder name; use letters, digits, '.', '-', '_' (and '/')")
     if isinstance(args, RLRunArgs):
-        check_at_least(args, 0, "max_new_tokens")
+        check_at_least(args, 0, "max_new_tokens", "max_turns", "tool_call_cost")
         check_fraction(args, "top_p", "vllm_gpu_memory_utilization")
         if args.top_p < 1:
             print("warning: --top-p < 1: the trainer scores the untruncated distribution, so ratios are biased")

@@ -16,6 +16,7 @@ import torch
 
 from common import distributed
 from common.rewards import score_completions
+from common.environment import answer_texts
 from common.rollout import generate
 from common.tasks import format_prompt
 
@@ -68,7 +69,8 @@ def evaluate(
     greedy. Sampling runs under its own seed inside a forked RNG, so evaluating in the middle
     of training neither changes the training run nor depends on when it happens.
     When the test split has a `slice` column, the result also holds `accuracy/<slice>`,
-    `pass@k/<slice>` and `num_prompts/<slice>` for each slice (after the usual keys).
+    `pass@k/<slice>` and `num_prompts/<slice>` for each slice (after the usual keys). A tool task's also
+    holds `tool_call_rate` (and per slice): the share of the T = 1 samples that called the tool.
     """
     ks = powers_of_two(num_samples) if ks is None else tuple(ks)
     if not ks or min(ks) < 1 or max(ks) > num_samples:
@@ -76,7 +78,7 @@ def evaluate(
     test = task.test.select(range(min(num_prompts, len(task.test))))
     max_new_tokens = max_new_tokens or task.max_new_tokens
     mine = my_share(len(test))  # this rank's prompts (all of them under plain python)
-    greedy_correct, counts = [], []  # per prompt: greedy right (0/1), (samples, right samples)
+    greedy_correct, counts, called = [], [], []  # per prompt: greedy right, (samples, right), share that called
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed + distributed.rank())
         for start in range(0, len(mine), batch_size):
@@ -84,21 +86,30 @@ def evaluate(
             prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
             answers = rows["answer"]
 
-            greedy = generate(engine, model, tokenizer, prompts, 1, 0.0, max_new_tokens, eos_ids=eos_ids)
-            _, terms, _ = score_completions(task.verifier, greedy.completions, answers, greedy.is_eos.tolist())
+            greedy = generate(engine, model, tokenizer, prompts, 1, 0.0, max_new_tokens, eos_ids=eos_ids,
+                              environment=task.environment)
+            _, terms, _ = score_completions(task.verifier, answer_texts(task, greedy.completions), answers,
+                                            greedy.is_eos.tolist())
             greedy_correct += terms["correct"]
 
-            sampled = generate(engine, model, tokenizer, prompts, num_samples, 1.0, max_new_tokens, eos_ids=eos_ids)
+            sampled = generate(engine, model, tokenizer, prompts, num_samples, 1.0, max_new_tokens, eos_ids=eos_ids,
+                               environment=task.environment)
             sampled_answers = [answers[i] for i in sampled.prompt_index.tolist()]
-            _, terms, _ = score_completions(task.verifier, sampled.completions, sampled_answers,
+            _, terms, _ = score_completions(task.verifier, answer_texts(task, sampled.completions), sampled_answers,
                                             sampled.is_eos.tolist())
             correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
             counts += [(num_samples, int(c)) for c in correct_per_prompt]
+            if sampled.tool_stats:  # a tool task: the share of each prompt's T = 1 samples that called the tool
+                called += (sampled.tool_stats["tool_calls"] > 0).float().view(len(prompts), -1).mean(-1).tolist()
     greedy_correct, counts = pool_shares(len(test), mine, greedy_correct, counts)
+    if task.environment is not None:
+        (called,) = pool_shares(len(test), mine, called)
     result = {"event": "eval", "accuracy": sum(greedy_correct) / len(greedy_correct)}
     result.update({f"pass@{k}": v for k, v in pass_at_k_curve(counts, ks).items()})
     result["num_prompts"] = len(test)
     result["num_samples"] = num_samples
+    if task.environment is not None:  # the share of T = 1 samples that called the tool (pass@1's samples)
+        result["tool_call_rate"] = sum(called) / len(called)
     if "slice" in test.column_names:
         slice_of = test["slice"][:]
         names = list(getattr(task, "slices", ())) or sorted(set(slice_of))
@@ -109,6 +120,8 @@ def evaluate(
             result[f"accuracy/{name}"] = sum(greedy_correct[i] for i in rows) / len(rows)
             result.update({f"pass@{k}/{name}": v for k, v in pass_at_k_curve([counts[i] for i in rows], ks).items()})
             result[f"num_prompts/{name}"] = len(rows)
+            if task.environment is not None:
+                result[f"tool_call_rate/{name}"] = sum(called[i] for i in rows) / len(rows)
     return result
 
 
@@ -121,8 +134,9 @@ def greedy_accuracy(model, tokenizer, task, num_prompts: int = 64, max_new_token
     rows = test.select(mine)
     prompts = [format_prompt(tokenizer, q, task.system_prompt) for q in rows["question"]]
     greedy = generate(engine, model, tokenizer, prompts, 1, 0.0, max_new_tokens or task.max_new_tokens,
-                      eos_ids=eos_ids)
-    _, terms, _ = score_completions(task.verifier, greedy.completions, rows["answer"], greedy.is_eos.tolist())
+                      eos_ids=eos_ids, environment=task.environment)
+    _, terms, _ = score_completions(task.verifier, answer_texts(task, greedy.completions), rows["answer"],
+                                    greedy.is_eos.tolist())
     (correct,) = pool_shares(len(test), mine, terms["correct"])
     return sum(correct) / len(correct)
 

@@ -21,7 +21,7 @@ class Rollout:
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
     completion_ids: torch.Tensor  # (B, C) right-padded with pad_token_id
-    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including EOS
+    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens up to and including EOS (the attention mask)
     sampler_logprobs: torch.Tensor  # (B, C) log-prob of each token under the sampler (T applied)
     is_eos: torch.Tensor  # (B,) bool: the completion ended with EOS (False = truncated)
     prompt_index: torch.Tensor  # (B,) long: which prompt of the batch the row answers
@@ -30,13 +30,22 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B,) total reward R_i
     reward_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # each term of R_i, (B,) each
     reasons: list[str] = field(default_factory=list)  # why correctness was what it was (common/rewards.py)
+    # multi-turn (common/environment.py): the loss mask, and per-row tool counts
+    policy_mask: torch.Tensor | None = None  # (B, C) 1 on tokens the policy sampled; default completion_mask
+    tool_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # (B,) each: turns, tool_calls, ...
+
+    def __post_init__(self):
+        """Single-turn: every completion token is the policy's. Multi-turn: tool observations are in
+        completion_mask (the model reads them) and not in policy_mask (no loss, KL or count sees them)."""
+        if self.policy_mask is None:
+            self.policy_mask = self.completion_mask
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
     @property
     def completion_lengths(self) -> torch.Tensor:
-        return self.completion_mask.sum(-1)  # (B,)
+        return self.policy_mask.sum(-1)  # (B,) the policy's tokens: observations are not its length
 
     def __getitem__(self, rows) -> "Rollout":
         """The sub-batch of some rows: a slice, a list or a LongTensor of row indices."""
@@ -48,6 +57,7 @@ class Rollout:
             rewards=None if self.rewards is None else self.rewards[tensor_rows],
             reward_terms={k: v[tensor_rows] for k, v in self.reward_terms.items()},
             reasons=[self.reasons[i] for i in index] if self.reasons else [],
+            tool_stats={k: v[tensor_rows] for k, v in self.tool_stats.items()},
         )
 
     @staticmethod
@@ -73,11 +83,14 @@ class Rollout:
             rewards=torch.cat([r.rewards for r in rollouts]) if scored else None,
             reward_terms={k: torch.cat([r.reward_terms[k] for r in rollouts]) for k in rollouts[0].reward_terms},
             reasons=[x for r in rollouts for x in r.reasons],
+            policy_mask=torch.cat([_pad_to(r.policy_mask, C, 0, False) for r in rollouts]),
+            tool_stats={k: torch.cat([r.tool_stats[k] for r in rollouts]) for k in rollouts[0].tool_stats
+                        if all(k in r.tool_stats for r in rollouts)},
         )
 
 
 _ROW_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "sampler_logprobs", "is_eos",
-                "prompt_index")
+                "prompt_index", "policy_mask")
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,8 @@ from typing import Callable
 import torch
 from datasets import Dataset
 
+from common.environment import ToolEnvironment, calc
+
 
 @dataclass
 class Task:
@@ -60,6 +62,8 @@ class Task:
     """the values of the `slice` column both splits have, in report order; () = no slices"""
     partial_credit: bool = False
     """train on the verifier's partial credit (common/rewards.py PARTIAL_CREDIT) instead of 0/1 correctness"""
+    environment: ToolEnvironment | None = None
+    """a tool task's environment: rollouts are multi-turn (common/environment.py); None = single-turn"""
 
     def __post_init__(self):
         """Fail at once (one line) when the optional columns do not match what the task claims."""
@@ -352,6 +356,72 @@ def make_countdown_steps_task(seed: int = 0, num_train: int = 16_000, num_test: 
 
 
 # ---------------------------------------------------------------------------------------
+# A tool task: multi-digit products the tiny model cannot compute, a `calc` tool that can
+# ---------------------------------------------------------------------------------------
+
+
+def make_tool_task(seed: int = 0, num_mul: int = 1000, demos_per_question: int = 8, num_test: int = 500,
+                   p_call: float = 0.3, max_turns: int = 3) -> Task:
+    """`tool_calc`: "37*48+5" (slice `mul`) and "64+7" (slice `add`), with a `calc` tool.
+
+    A demonstration either calls the tool and copies its answer, "[37*48+5]{1781}1781", or answers
+    directly. Why it is built this way:
+    - On `mul` (a 2-digit product plus a digit) the tiny model cannot do the arithmetic, and the teacher
+      cannot either: when it does not call (probability 1 - p_call) it *guesses*, the right leading
+      digits with the last two random (wrong by construction). So SFT learns to call about p_call of
+      the time and is right about that often; the tool makes every call right, so RL has a clear signal
+      to call whenever it can.
+    - On `add` (2-digit + 1-digit) the model can add by itself and the teacher does (right without the
+      tool), calling it with the same p_call. Here a call buys nothing and costs nothing (the reward has
+      no price for a call), so RL has no reason to change the call rate: the control slice.
+    - `{1781}` is the environment's text: in a demonstration it is not the demonstrator's (SFT masks it,
+      as RL does), and the verifier judges only what follows the last observation (the tool's numbers are
+      never the answer).
+    - 1,000 of the 72,900 `mul` questions train and all 810 `add` ones, 8 demonstrations each (each calls
+      or not on its own draw), so RL's prompts are about half each: a slice RL rarely samples teaches it
+      little. The `add` questions are too few to hold out unseen ones, so `add` test questions are seen in
+      training: it is the control, not the measure; `mul` test questions are unseen. The test split
+      alternates the slices, so its first rows hold both.
+    """
+    rng = random.Random(seed)
+    mul = [(a, b, c) for a in range(10, 100) for b in range(10, 100) for c in range(1, 10)]
+    rng.shuffle(mul)
+    add = [(a, b) for a in range(10, 100) for b in range(1, 10)]
+    rng.shuffle(add)
+
+    def demonstration(question: str, value: int, can_compute: bool) -> str:
+        if rng.random() < p_call:
+            return f"[{question}]{{{value}}}{value}"
+        if can_compute:
+            return str(value)
+        return str(value // 100 * 100 + rng.choice([d for d in range(100) if d != value % 100]))  # a guess
+
+    train = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
+    for a, b, c in mul[num_test // 2: num_test // 2 + num_mul]:
+        for _ in range(demos_per_question):
+            q, v = f"{a}*{b}+{c}", a * b + c
+            train["question"].append(q), train["answer"].append(str(v)), train["slice"].append("mul")
+            train["demonstration"].append(demonstration(q, v, False)), train["expert"].append(f"[{q}]{{{v}}}{v}")
+    for a, b in add:
+        for _ in range(demos_per_question):
+            q, v = f"{a}+{b}", a + b
+            train["question"].append(q), train["answer"].append(str(v)), train["slice"].append("add")
+            train["demonstration"].append(demonstration(q, v, True)), train["expert"].append(str(v))
+    test = {"question": [], "answer": [], "demonstration": [], "expert": [], "slice": []}
+    for i in range(num_test):
+        if i % 2 == 0:
+            a, b, c = mul[i // 2]
+            q, v, name, expert = f"{a}*{b}+{c}", a * b + c, "mul", f"[{a}*{b}+{c}]{{{a * b + c}}}{a * b + c}"
+        else:
+            a, b = add[(i // 2) % len(add)]
+            q, v, name, expert = f"{a}+{b}", a + b, "add", str(a + b)
+        test["question"].append(q), test["answer"].append(str(v)), test["slice"].append(name)
+        test["demonstration"].append(expert), test["expert"].append(expert)
+    return Task("tool_calc", Dataset.from_dict(train), Dataset.from_dict(test), verifier="number", max_new_tokens=32,
+                has_expert=True, slices=("mul", "add"), environment=ToolEnvironment(tool=calc, max_turns=max_turns))
+
+
+# ---------------------------------------------------------------------------------------
 # GSM8K (needs the hub: a user's GPU machine)
 # ---------------------------------------------------------------------------------------
 
@@ -424,16 +494,27 @@ TASKS: dict[str, Callable[[int], Task]] = {
                                                                    name="countdown_steps_to40"),
     "countdown_steps_partial": lambda seed: make_countdown_steps_task(seed, partial_credit=True,
                                                                       name="countdown_steps_partial"),
+    "tool_calc": make_tool_task,
     "gsm8k": make_gsm8k_task,
 }
 DEFAULT_TASK = "add_noisy"
 
 
-def load_task(name: str, seed: int = 0) -> Task:
-    """The task called `name`; an unknown name exits with the list of known ones."""
+def load_task(name: str, seed: int = 0, max_turns: int = 0, call_cost: float = 0.0) -> Task:
+    """The task called `name`; an unknown name exits with the list of known ones.
+    A tool task's flags: max_turns > 0 (--max-turns) replaces its own turn limit, call_cost (--tool-call-cost) is
+    the reward's price per tool call; a task without a tool refuses both."""
     if name not in TASKS:
         raise SystemExit(f"error: --task {name}: unknown task; choose one of {', '.join(TASKS)}.")
-    return TASKS[name](seed)
+    task = TASKS[name](seed)
+    for flag, value in (("--max-turns", max_turns), ("--tool-call-cost", call_cost)):
+        if value and task.environment is None:
+            raise SystemExit(f"error: {flag} {value}: task {name} has no tool, so every completion is one turn; "
+                             f"drop {flag} or pick a tool task (tool_calc)")
+    if task.environment is not None:
+        task.environment.max_turns = max_turns or task.environment.max_turns
+        task.environment.call_cost = call_cost
+    return task
 
 
 def build_messages(question: str, system_prompt: str | None = None) -> list[dict]:

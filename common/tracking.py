@@ -177,7 +177,7 @@ def rollout_metrics(trained, sampled, times: dict, num_epochs: int = 1, group_si
     return {"completion_length": trained.completion_lengths.float().mean().item(),
             "frac_zero_std_groups_trained": zero_std,
             "frac_truncated": 1 - trained.is_eos.float().mean().item(),
-            "gen_tokens_per_s": int(sampled.completion_mask.sum()) / max(times["gen"], 1e-9),
+            "gen_tokens_per_s": int(sampled.policy_mask.sum()) / max(times["gen"], 1e-9),
             "train_tokens_per_s": train_tokens / max(times["train"], 1e-9),
             **{f"{k}_time": v for k, v in times.items()}}
 

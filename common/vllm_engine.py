@@ -202,6 +202,31 @@ class VLLMEngine:
         )
 
     @torch.no_grad()
+    def sample_tokens(self, contexts: list[list[int]], temperature: float, budgets: list[int], top_p: float,
+                      stop_ids: list[int]) -> list[tuple[list[int], list[float]]]:
+        """One segment per context (token ids): its new ids, up to and including the first stop id and at
+        most budgets[i] of them, and their logprobs; the multi-turn loop's sampler (common/environment.py).
+
+        Each turn re-submits the whole context. vLLM's prefix cache (on by default in V1) finds the KV
+        blocks of the context it already computed, so a turn prefills only the observation and what
+        follows; `sync_weights` resets that cache, as KV computed with old weights must not be reused.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = temperature == 0
+        params = [SamplingParams(n=1, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 top_k=0, max_tokens=budget, stop_token_ids=stop_ids, logprobs=0, detokenize=False)
+                  for budget in budgets]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in contexts], params, use_tqdm=False)
+        segments = []
+        for out in outputs:
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            segments.append((ids, [pos[t].logprob for t, pos in zip(ids, sample.logprobs)]))
+        return segments
+
+    @torch.no_grad()
     def sync_weights(self, model):
         """Copy the trainer's current weights into the engine, in place.
 

@@ -74,7 +74,8 @@ def interrupt_at():
     return patch
 
 
-SLOW_MODULES = ("test_distributed.py", "test_vllm.py", "test_fuzz_flags.py", "test_lora.py", "test_qwen_offline.py")
+SLOW_MODULES = ("test_distributed.py", "test_vllm.py", "test_fuzz_flags.py", "test_lora.py", "test_qwen_offline.py",
+                "test_tool_scripts.py")
 
 
 def pytest_collection_modifyitems(config, items):

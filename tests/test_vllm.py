@@ -23,7 +23,8 @@ pytest.importorskip("vllm")
 import vllm
 from common.logprobs import completion_logprobs
 from common.models import build_char_tokenizer, build_tiny_model, eos_token_ids
-from common.rollout import generate_hf
+from common.environment import ToolEnvironment, calc, encode_tool_demonstrations, rollout_with_tools
+from common.rollout import HFEngine, generate_hf
 from common.tasks import encode_demonstrations, format_prompt
 from common.vllm_engine import VLLMEngine
 
@@ -192,6 +193,57 @@ def test_rollout_layout(setup, eos_model):
         assert (ids[length:] == pad).all() and (lp[length:] == 0).all() and (lp[:length] < 0).all()
         assert text == tokenizer.decode(ids[:length], skip_special_tokens=True)
     assert rollout.is_eos.any()  # the trained model does stop: the EOS path is covered
+
+
+@pytest.fixture(scope="module")
+def tool_model(setup):
+    """The random model after 60 steps of imitating tool calls, "[12+34]{46}46" (observation masked out of the
+    loss, as sft.py trains): it closes calls, so the multi-turn loop runs with real observations."""
+    _, tokenizer, model, prompts = setup
+    model, env = copy.deepcopy(model).train(), ToolEnvironment()
+    demos = [f"[{q}]{{{calc(q)}}}{calc(q)}" for q in QUESTIONS]
+    *batch, policy_mask = encode_tool_demonstrations(tokenizer, env, prompts, demos, tokenizer.eos_token_id, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        logprobs, _ = completion_logprobs(model, *batch)
+        loss = -(logprobs * policy_mask).sum() / policy_mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_multiturn_greedy_matches_hf_and_follows_the_sync(setup, eos_model, tool_model):
+    """Multi-turn rollouts (common/environment.py): vLLM (prefix cache on, whole context re-submitted each turn) and
+    HF generate give the same greedy completions, observations and masks; after a sync to another model and back,
+    vLLM follows the weights it was given."""
+    engine, tokenizer, _, prompts = setup
+    env = ToolEnvironment()
+    for model in (tool_model, eos_model, tool_model):
+        engine.sync_weights(model)
+        hf = rollout_with_tools(HFEngine(model, tokenizer, engine.eos_ids), tokenizer, env, prompts, 2, 0.0, 24)
+        vl = rollout_with_tools(engine, tokenizer, env, prompts, 2, 0.0, 24)
+        if model is tool_model:  # the loop ran: calls, observations in the context, answers after them
+            assert hf.tool_stats["tool_calls"].sum() >= len(prompts) and (hf.policy_mask < hf.completion_mask).any()
+        else:  # the "42" model never calls: one turn each
+            assert (hf.tool_stats["tool_calls"] == 0).all() and torch.equal(hf.policy_mask, hf.completion_mask)
+        if EXACT:
+            for field in ("completion_ids", "completion_mask", "policy_mask", "is_eos"):
+                assert torch.equal(getattr(vl, field), getattr(hf, field)), field
+            assert vl.completions == hf.completions
+            assert all(torch.equal(vl.tool_stats[k], hf.tool_stats[k]) for k in hf.tool_stats)
+            assert torch.allclose(vl.sampler_logprobs, hf.sampler_logprobs, atol=TOL)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_multiturn_sampler_logprobs_match_trainer_on_policy_tokens(setup, tool_model, temperature):
+    engine, tokenizer, _, prompts = setup
+    engine.sync_weights(tool_model)
+    rollout = rollout_with_tools(engine, tokenizer, ToolEnvironment(), prompts, 4, temperature, 24)
+    observation = (rollout.completion_mask - rollout.policy_mask).bool()  # (B, C)
+    assert observation.any() and (rollout.sampler_logprobs[observation] == 0).all()
+    diff = (rollout.sampler_logprobs - trainer_logprobs(tool_model, rollout, temperature)) * rollout.policy_mask
+    assert diff.abs().max() < TOL, f"max |vLLM - trainer| on policy tokens = {diff.abs().max():.2e}"
 
 
 def test_missing_vllm_exits_with_one_line(monkeypatch):
