@@ -1070,7 +1070,8 @@ def tools(fresh: bool) -> bool:
     sft = eval_record(TOOL_SFT[0])
     runs = {arm: [f"runs/{arm}_s{seed}" for seed in SEEDS] for arm in TOOL_ARMS}
     keys = [("tool_call_rate/mul", "call rate, mul"), ("pass@1/mul", "pass@1, mul"),
-            ("tool_call_rate/add", "call rate, add"), ("pass@1/add", "pass@1, add")]
+            ("tool_call_rate/add", "call rate, add"), ("pass@1/add", "pass@1, add"),
+            ("pass@1_with_call/add", "pass@1 with a call, add"), ("pass@1_without_call/add", "... without, add")]
     ev = {arm: {k: [eval_record(r)[k] for r in rs] for k, _ in keys} for arm, rs in runs.items()}
     print("\n| model | " + " | ".join(label for _, label in keys) + " |\n|---|" + "---:|" * len(keys))
     print(f"| SFT (`{TOOL_SFT[0]}`, one model) | " + " | ".join(f"{sft[k]:.3f}" for k, _ in keys) + " |")

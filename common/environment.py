@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from common.distributed import any_rank
 from common.rollout_data import Rollout
 
 END_REASONS = ("answer", "budget", "max_turns", "unclosed_call")
@@ -242,11 +243,13 @@ def rollout_with_tools(engine, tokenizer, env: ToolEnvironment, prompts: list[st
     turns, calls, errors, ended = [0] * B, [0] * B, [0] * B, ["budget"] * B
     active = list(range(B))
     for turn in range(env.max_turns):
-        if not active:
+        # Under torchrun with FSDP2 every generate step is collective (an all-gather of the weights), so every rank
+        # runs the same turns: a rank whose rows all ended samples one throw-away row while another still samples.
+        if not any_rank(bool(active)):
             break
         budgets = [max_new_tokens - len(tokens[i]) for i in active]
-        outputs = engine.sample_tokens([contexts[i] + tokens[i] for i in active], temperature, budgets, top_p,
-                                       eos_ids + [close_id])
+        outputs = engine.sample_tokens([contexts[i] + tokens[i] for i in active] or [contexts[0]], temperature,
+                                       budgets or [1], top_p, eos_ids + [close_id])
         still_active = []
         for i, (ids, lps) in zip(active, outputs):
             tokens[i] += ids

@@ -70,7 +70,7 @@ def evaluate(
     of training neither changes the training run nor depends on when it happens.
     When the test split has a `slice` column, the result also holds `accuracy/<slice>`,
     `pass@k/<slice>` and `num_prompts/<slice>` for each slice (after the usual keys). A tool task's also
-    holds `tool_call_rate` (and per slice): the share of the T = 1 samples that called the tool.
+    holds `tool_call_rate`, `pass@1_with_call`, `pass@1_without_call` (and per slice): see tool_call_metrics.
     """
     ks = powers_of_two(num_samples) if ks is None else tuple(ks)
     if not ks or min(ks) < 1 or max(ks) > num_samples:
@@ -78,7 +78,7 @@ def evaluate(
     test = task.test.select(range(min(num_prompts, len(task.test))))
     max_new_tokens = max_new_tokens or task.max_new_tokens
     mine = my_share(len(test))  # this rank's prompts (all of them under plain python)
-    greedy_correct, counts, called = [], [], []  # per prompt: greedy right, (samples, right), share that called
+    greedy_correct, counts, called = [], [], []  # per prompt: greedy right, (samples, right), tool calls
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed + distributed.rank())
         for start in range(0, len(mine), batch_size):
@@ -99,8 +99,11 @@ def evaluate(
                                             sampled.is_eos.tolist())
             correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
             counts += [(num_samples, int(c)) for c in correct_per_prompt]
-            if sampled.tool_stats:  # a tool task: the share of each prompt's T = 1 samples that called the tool
-                called += (sampled.tool_stats["tool_calls"] > 0).float().view(len(prompts), -1).mean(-1).tolist()
+            if sampled.tool_stats:  # a tool task, per prompt: (samples that called, right among them, right others)
+                call = (sampled.tool_stats["tool_calls"] > 0).view(len(prompts), -1).cpu()  # (prompts, num_samples)
+                right = torch.tensor(terms["correct"]).view(len(prompts), -1).bool()
+                called += list(zip(call.sum(-1).tolist(), (call & right).sum(-1).tolist(),
+                                   (~call & right).sum(-1).tolist()))
     greedy_correct, counts = pool_shares(len(test), mine, greedy_correct, counts)
     if task.environment is not None:
         (called,) = pool_shares(len(test), mine, called)
@@ -108,8 +111,8 @@ def evaluate(
     result.update({f"pass@{k}": v for k, v in pass_at_k_curve(counts, ks).items()})
     result["num_prompts"] = len(test)
     result["num_samples"] = num_samples
-    if task.environment is not None:  # the share of T = 1 samples that called the tool (pass@1's samples)
-        result["tool_call_rate"] = sum(called) / len(called)
+    if task.environment is not None:
+        result.update(tool_call_metrics(called, num_samples))
     if "slice" in test.column_names:
         slice_of = test["slice"][:]
         names = list(getattr(task, "slices", ())) or sorted(set(slice_of))
@@ -121,8 +124,20 @@ def evaluate(
             result.update({f"pass@{k}/{name}": v for k, v in pass_at_k_curve([counts[i] for i in rows], ks).items()})
             result[f"num_prompts/{name}"] = len(rows)
             if task.environment is not None:
-                result[f"tool_call_rate/{name}"] = sum(called[i] for i in rows) / len(rows)
+                result.update({f"{k}/{name}": v for k, v in tool_call_metrics([called[i] for i in rows],
+                                                                               num_samples).items()})
     return result
+
+
+def tool_call_metrics(called: list[tuple[int, int, int]], num_samples: int) -> dict:
+    """A tool task's T = 1 samples (pass@1's): the share that called the tool, and pass@1 among the samples that
+    called and among those that did not (None where there are none). called: per prompt (samples that called,
+    right among them, right among the others)."""
+    calls, right_called, right_other = (sum(c[j] for c in called) for j in range(3))
+    others = len(called) * num_samples - calls
+    return {"tool_call_rate": calls / (len(called) * num_samples),
+            "pass@1_with_call": right_called / calls if calls else None,
+            "pass@1_without_call": right_other / others if others else None}
 
 
 @torch.no_grad()

@@ -55,6 +55,23 @@ def sft_run(tmp_path_factory):
     return str(root / "runs" / "sft"), result
 
 
+@pytest.fixture(scope="session")
+def tool_sft(tmp_path_factory):
+    """runs/sft of 250 steps of sft.py on tool_calc (batch 64): it calls the tool in about a third of its samples, so
+    the multi-turn path runs from the first step (tests/test_tool_scripts.py, tests/test_distributed.py)."""
+    import sft
+
+    root = tmp_path_factory.mktemp("tool_sft")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        sft.main(sft.Args(task="tool_calc", total_steps=250, batch_size=64, eval_every=0, num_eval_prompts=16,
+                          num_eval_samples=2, tensorboard=False))
+    finally:
+        os.chdir(cwd)
+    return str(root / "runs" / "sft")
+
+
 @pytest.fixture
 def interrupt_at():
     """interrupt_at(monkeypatch, step): RunLogger.log raises KeyboardInterrupt at that step's record, as if the
@@ -80,5 +97,5 @@ SLOW_MODULES = ("test_distributed.py", "test_vllm.py", "test_fuzz_flags.py", "te
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "sft_run" in getattr(item, "fixturenames", ()) or item.path.name in SLOW_MODULES:
+        if {"sft_run", "tool_sft"} & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)

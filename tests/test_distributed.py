@@ -199,3 +199,18 @@ def test_torchrun_grpo_with_vllm_keeps_one_synced_engine_per_rank(sft_run, tmp_p
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["grad_norm"] > 0 for r in steps)
     assert all(r["mismatch_mean_abs"] < 1e-5 and r["mismatch_max_ratio"] < 1.001 for r in steps[1:]), steps
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_grpo_on_the_tool_task_takes_the_one_process_step(tool_sft, tmp_path, fsdp):
+    """Multi-turn rollouts: each rank runs its own tool loop, the normalisers count every rank's policy tokens
+    (not the observations), and under FSDP2 (collective generate steps) a rank whose rows are done keeps turning
+    until every rank's are, instead of hanging."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--model", tool_sft, "--task", "tool_calc", "--total-steps", "1", "--num-prompts", "4", "--beta", "0.04",
+             "--loss-agg", "token-mean", "--run-name", "dist", *QUICK]
+    torchrun(1, one, "grpo", *flags)
+    torchrun(2, two, "grpo", *flags, *(["--fsdp"] if fsdp else []))
+    assert_same_step(one, two, "dist")
+    record = read_metrics(os.path.join(two, "runs", "dist"))[0]
+    assert record["tool/tool_calls"] > 0  # the loop ran on the ranks

@@ -1,8 +1,9 @@
 """The tool task end to end: every RL script runs multi-turn rollouts on tool_calc, GRPO learns to call the tool,
 a stopped run resumes exactly, and the tool flags fail with one line on bad input.
 
-One short SFT model on tool_calc serves every test (module fixture, ~1 min): its teacher calls the tool in 30% of
-the demonstrations, so its samples call sometimes and the multi-turn path is exercised from the first step.
+One short SFT model on tool_calc serves every test (the session fixture `tool_sft` of conftest.py, ~1 min): its
+teacher calls the tool in 30% of the demonstrations, so its samples call sometimes and the multi-turn path is
+exercised from the first step.
 The unit tests of the loop, the masks and the math are in tests/test_tools.py; HF vs vLLM in tests/test_vllm.py.
 """
 
@@ -19,22 +20,6 @@ from common.tracking import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--task", "tool_calc", "--num-prompts", "4", "--group-size", "8", "--num-eval-prompts", "16",
          "--num-eval-samples", "2", "--eval-every", "0", "--no-tensorboard"]
-
-
-@pytest.fixture(scope="module")
-def tool_sft(tmp_path_factory):
-    """runs/sft of 250 steps of sft.py on tool_calc (batch 64): it calls the tool in about a third of its samples."""
-    import sft
-
-    root = tmp_path_factory.mktemp("tool_sft")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        sft.main(sft.Args(task="tool_calc", total_steps=250, batch_size=64, eval_every=0, num_eval_prompts=16,
-                          num_eval_samples=2, tensorboard=False))
-    finally:
-        os.chdir(cwd)
-    return str(root / "runs" / "sft")
 
 
 def run(script: str, model: str, *flags: str):
@@ -60,7 +45,14 @@ def test_every_rl_script_runs_the_tool_task(tool_sft, tmp_path, monkeypatch, scr
     assert sum(r["tool/tool_calls"] for r in steps) > 0  # the SFT model calls: observations were in the context
     assert all(0 < r["tool/observation_token_share"] < 0.6 for r in steps if r["tool/tool_calls"] > 0)
     assert final["event"] == "eval" and 0 <= final["tool_call_rate"] <= 1
-    assert {"tool_call_rate/mul", "tool_call_rate/add", "pass@1/mul", "pass@1/add"} <= set(final)
+    assert {"tool_call_rate/mul", "tool_call_rate/add", "pass@1/mul", "pass@1/add", "pass@1_with_call",
+            "pass@1_without_call/mul", "pass@1_with_call/add"} <= set(final)
+    # pass@1 is the mix of the samples that called and those that did not, weighted by the call rate
+    for part in ("", "/mul", "/add"):
+        rate, with_call, without = (final[k + part] for k in ("tool_call_rate", "pass@1_with_call",
+                                                              "pass@1_without_call"))
+        mix = (rate * with_call if with_call is not None else 0) + ((1 - rate) * without if without is not None else 0)
+        assert final["pass@1" + part] == pytest.approx(mix, abs=1e-9)
 
 
 def test_grpo_learns_to_call_the_tool(tool_sft, tmp_path, monkeypatch):
