@@ -13,7 +13,7 @@
         dont, generalise, passk_training   (j), (i), (k)
         overopt       (l) GRPO on a learned reward model: proxy vs gold accuracy vs KL (add_noisy, ~25 min)
         prefs         (m) offline DPO, online DPO, GRPO at equal samples (add_noisy, ~16 min)
-        tools         (n) SFT vs GRPO on the tool task tool_calc: does RL learn to call the tool? (~15 min)
+        tools         (n) SFT vs GRPO on the tool task tool_calc: does RL learn to call the tool? (~8 min)
     python benchmarks/experiments.py figures     # redraw docs/figures/curve_<script>.png from compare.json, no training
 
 `compare` runs on add_noisy and holds phenomenon (a): RL goes past the noisy teacher; 200 more SFT
@@ -1053,8 +1053,13 @@ TOOL_EVAL = ["--num-eval-prompts", "200", "--num-eval-samples", "8", "--eval-eve
 TOOL_SFT = ("runs/tool_sft", py("sft.py", "--task", "tool_calc", "--run-name", "tool_sft", "--total-steps", "800",
                                 "--seed", "1", *TOOL_EVAL), 300)
 TOOL_GRPO_STEPS = 40
+# The third arm asks whether the cost arm's lost `add` accuracy comes from the group std: a group of `add` samples
+# that are all right differs only by the 0.1 of a call, and dividing by that small std turns it into advantages as
+# large as a right-vs-wrong difference, on every token of the completion (Dr. GRPO's argument against the std).
 TOOL_ARMS = {"tool_grpo": ("GRPO, calls free", []),
-             "tool_grpo_cost": ("GRPO, 0.1 a call", ["--tool-call-cost", "0.1"])}
+             "tool_grpo_cost": ("GRPO, 0.1 a call", ["--tool-call-cost", "0.1"]),
+             "tool_grpo_cost_nostd": ("GRPO, 0.1 a call, no std scaling", ["--tool-call-cost", "0.1",
+                                                                          "--scale-rewards", "none"])}
 
 
 def tools(fresh: bool) -> bool:
@@ -1078,7 +1083,7 @@ def tools(fresh: bool) -> bool:
     for arm, (label, _) in TOOL_ARMS.items():
         print(f"| {label}, {TOOL_GRPO_STEPS} steps (`runs/{arm}_s*`) | " +
               " | ".join(spread(ev[arm][k]) for k, _ in keys) + " |")
-    check, free, cost = SeedChecks(), ev["tool_grpo"], ev["tool_grpo_cost"]
+    check, free = SeedChecks(), ev["tool_grpo"]
     for arm, (label, _) in TOOL_ARMS.items():
         check(f"(n) {label}: calls the tool on `mul` more than SFT (by >= 0.3)",
               [v >= sft["tool_call_rate/mul"] + 0.3 for v in ev[arm]["tool_call_rate/mul"]],
@@ -1088,13 +1093,15 @@ def tools(fresh: bool) -> bool:
     check("(n) GRPO, calls free: the call rate on `add` (no gain there) stays within 0.1 of SFT's",
           [abs(v - sft["tool_call_rate/add"]) <= 0.1 for v in free["tool_call_rate/add"]],
           f"{spread(free['tool_call_rate/add'])} vs SFT {sft['tool_call_rate/add']:.3f}")
-    check("(n) GRPO, 0.1 a call: calls on `add` less than SFT (by >= 0.1) and on `mul` more (by >= 0.3)",
-          [a <= sft["tool_call_rate/add"] - 0.1 and m >= sft["tool_call_rate/mul"] + 0.3
-           for a, m in zip(cost["tool_call_rate/add"], cost["tool_call_rate/mul"])],
-          f"add {spread(cost['tool_call_rate/add'])}, mul {spread(cost['tool_call_rate/mul'])}")
-    check("(n) GRPO, 0.1 a call: pass@1 on `add` no lower than SFT's - 0.02",
-          [v >= sft["pass@1/add"] - 0.02 for v in cost["pass@1/add"]],
-          f"{spread(cost['pass@1/add'])} vs SFT {sft['pass@1/add']:.3f}")
+    for arm in ("tool_grpo_cost", "tool_grpo_cost_nostd"):
+        label, cost = TOOL_ARMS[arm][0], ev[arm]
+        check(f"(n) {label}: calls on `add` less than SFT (by >= 0.1) and on `mul` more (by >= 0.3)",
+              [a <= sft["tool_call_rate/add"] - 0.1 and m >= sft["tool_call_rate/mul"] + 0.3
+               for a, m in zip(cost["tool_call_rate/add"], cost["tool_call_rate/mul"])],
+              f"add {spread(cost['tool_call_rate/add'])}, mul {spread(cost['tool_call_rate/mul'])}")
+        check(f"(n) {label}: pass@1 on `add` no lower than SFT's - 0.02",
+              [v >= sft["pass@1/add"] - 0.02 for v in cost["pass@1/add"]],
+              f"{spread(cost['pass@1/add'])} vs SFT {sft['pass@1/add']:.3f}")
     plot_bands({label: runs[arm] for arm, (label, _) in TOOL_ARMS.items()},
                [("tool/call_rate", "share of samples that call the tool (both slices)"),
                 ("sampled_accuracy", "sampled accuracy"),

@@ -67,6 +67,17 @@ def test_grpo_learns_to_call_the_tool(tool_sft, tmp_path, monkeypatch):
     assert mean(steps, "tool/accuracy_with_call") > mean(steps, "tool/accuracy_without_call") + 0.2
 
 
+def test_grpo_with_vllm_rollouts_runs_the_tool_task(tool_sft, tmp_path, monkeypatch):
+    """--rollout vllm: the multi-turn loop on the colocated engine (whole context re-submitted each turn, prefix
+    cache on); the sampler's logprobs match the trainer's on the policy's tokens, and the weights sync each step."""
+    pytest.importorskip("vllm")
+    monkeypatch.chdir(tmp_path)
+    run("grpo", tool_sft, "--total-steps", "3", "--rollout", "vllm", "--run-name", "vllm")
+    steps = step_records("runs/vllm")
+    assert sum(r["tool/tool_calls"] for r in steps) > 0
+    assert all(r["mismatch_mean_abs"] < 1e-4 and r["mismatch_max_ratio"] < 1.001 for r in steps)
+
+
 def test_tool_call_cost_is_a_reward_term(tool_sft, tmp_path, monkeypatch):
     """R_i = correct - cost * calls: the logged term is -cost x the calls per completion, and the reward is the sum."""
     monkeypatch.chdir(tmp_path)
