@@ -77,6 +77,16 @@ class PreferencePairs:
 
 
 @torch.no_grad()
+def check_single_turn(task):
+    """Pairs are single-turn texts: a tool task's completions hold the environment's observations, which a pair
+    would train on as the policy's own words (and sample_graded would sample without the tool). One line instead."""
+    if task.environment is not None:
+        raise SystemExit(f"error: --task {task.name}: a tool task's completions are multi-turn (the tool's "
+                         f"observations are not the policy's); preference pairs here are single-turn, so dpo.py and "
+                         f"reward_model.py do not take it: train tool use with grpo.py, reinforce.py, ppo.py or "
+                         f"sft_rl_mixed.py")
+
+
 def sample_graded(model, tokenizer, task, split: str, position: int, num_prompts: int, group_size: int,
                   temperature: float, max_new_tokens: int, seed: int, eos_ids: list[int],
                   chunk_prompts: int = 64) -> Graded:
@@ -87,6 +97,7 @@ def sample_graded(model, tokenizer, task, split: str, position: int, num_prompts
     i*G .. i*G+G-1 answer question i. Sampling runs in a forked RNG seeded with `seed`, so the same
     call gives the same samples whenever it runs (a resumed run rebuilds its pairs exactly, on CPU).
     """
+    check_single_turn(task)
     data = task.prompts if split == "prompts" else task.test
     order = rows_at(len(data), position, num_prompts, seed) if split == "prompts" else \
         list(range(position, min(position + num_prompts, len(data))))
@@ -115,6 +126,7 @@ def demonstration_graded(task, position: int, num_prompts: int, seed: int) -> Gr
     add_noisy has 8 demonstrations a question, each off by one with probability 0.4, so most
     questions hold both right and wrong ones; add (a clean teacher) holds no wrong one, hence no pair.
     """
+    check_single_turn(task)
     wanted = set(task.prompts[rows_at(len(task.prompts), position, num_prompts, seed)]["question"])
     train = task.train.select_columns(["question", "answer", "demonstration"])[:]  # one dict of lists
     keep = [i for i, q in enumerate(train["question"]) if q in wanted]

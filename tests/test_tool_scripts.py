@@ -117,3 +117,14 @@ def test_tool_flags_fail_with_one_line(tmp_path, flags, message):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-500:]
+
+
+@pytest.mark.parametrize("script,flags", [("dpo.py", ["--model"]), ("dpo.py", ["--online", "--model"]),
+                                          ("reward_model.py", ["--policy"])])
+def test_preference_scripts_refuse_the_tool_task_with_one_line(tmp_path, script, flags):
+    """Pairs are single-turn texts: a tool task's observations would be trained on as the policy's words."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, script), *flags, "qwen2-tiny:random", "--task",
+                          "tool_calc", "--no-tensorboard"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --task tool_calc: a tool task's"), out.stderr[-500:]
