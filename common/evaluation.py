@@ -99,7 +99,7 @@ def evaluate(
                                             sampled.is_eos.tolist())
             correct_per_prompt = torch.tensor(terms["correct"]).view(len(prompts), num_samples).sum(-1)  # (prompts,)
             counts += [(num_samples, int(c)) for c in correct_per_prompt]
-            if sampled.tool_stats:  # a tool task, per prompt: (samples that called, right among them, right others)
+            if task.environment is not None:  # per prompt: (samples that called, right among them, right others)
                 call = (sampled.tool_stats["tool_calls"] > 0).view(len(prompts), -1).cpu()  # (prompts, num_samples)
                 right = torch.tensor(terms["correct"]).view(len(prompts), -1).bool()
                 called += list(zip(call.sum(-1).tolist(), (call & right).sum(-1).tolist(),

@@ -221,6 +221,6 @@ def token_diagnostics(sampler_logprobs, advantages, mask) -> dict:
 def print_eval(result: dict, run_dir: str):
     """The closing lines of every script: the eval record's accuracy and pass@k, and where the model is."""
     summary = ", ".join(f"{k} {v:.3f}" for k, v in result.items()  # the overall numbers; per-slice keys stay in the log
-                        if (k == "accuracy" or k.startswith("pass@")) and "/" not in k)
+                        if (k == "accuracy" or k.startswith("pass@")) and "/" not in k and v is not None)
     print(f"eval on {result['num_prompts']} held-out prompts: {summary}")
     print(f"model saved to {run_dir}/ (AutoModelForCausalLM.from_pretrained('{run_dir}') loads it)")

@@ -129,7 +129,7 @@ def scripted_generate(right_per_prompt: dict[str, int]):
     """A stand-in for common.rollout.generate: for question q, the first right_per_prompt[q]
     of the n samples are right ('2'), the rest wrong ('3'); greedy is right when any is."""
 
-    def generate(engine, model, tokenizer, prompts, n, temperature, max_new_tokens, eos_ids=None):
+    def generate(engine, model, tokenizer, prompts, n, temperature, max_new_tokens, eos_ids=None, environment=None):
         completions = []
         for prompt in prompts:
             right = min(n, next(v for q, v in right_per_prompt.items() if q in prompt))
