@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from common.distributed import any_rank
-from common.rollout_data import Rollout
+from common.rollout_data import Rollout, pad_right
 
 END_REASONS = ("answer", "budget", "max_turns", "unclosed_call")
 """Why a multi-turn completion ended: the policy wrote EOS; the token budget ran out; it called the tool
@@ -277,17 +277,10 @@ def rollout_with_tools(engine, tokenizer, env: ToolEnvironment, prompts: list[st
                 ended[i] = "unclosed_call" if text.rfind(env.call_open) > text.rfind(env.call_close) else "budget"
         active = still_active
 
-    C = max(1, max(len(t) for t in tokens))
-    completion_ids = torch.full((B, C), tokenizer.pad_token_id, dtype=torch.long)  # (B, C)
-    completion_mask = torch.zeros((B, C), dtype=torch.long)  # (B, C) every token the model reads
-    policy_mask = torch.zeros((B, C), dtype=torch.long)  # (B, C) the tokens the policy sampled
-    sampler_logprobs = torch.zeros((B, C), dtype=torch.float32)  # (B, C)
-    for i in range(B):
-        L = len(tokens[i])
-        completion_ids[i, :L] = torch.tensor(tokens[i], dtype=torch.long)
-        completion_mask[i, :L] = 1
-        policy_mask[i, :L] = torch.tensor(from_policy[i], dtype=torch.long)
-        sampler_logprobs[i, :L] = torch.tensor(logprobs[i], dtype=torch.float32)
+    completion_ids = pad_right(tokens, tokenizer.pad_token_id)  # (B, C)
+    completion_mask = pad_right([[1] * len(t) for t in tokens])  # (B, C) every token the model reads
+    policy_mask = pad_right(from_policy)  # (B, C) the tokens the policy sampled
+    sampler_logprobs = pad_right(logprobs, 0.0, torch.float32)  # (B, C)
     stats = {"turns": turns, "tool_calls": calls, "tool_errors": errors,
              **{f"ended/{r}": [float(e == r) for e in ended] for r in END_REASONS}}
     return Rollout(
@@ -330,12 +323,7 @@ def encode_tool_demonstrations(tokenizer, env: ToolEnvironment, prompts: list[st
             piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             ids, flags = ids + piece, flags + [int(is_policy)] * len(piece)
         rows.append(((ids + [eos_id])[:max_completion_len], (flags + [1])[:max_completion_len]))
-    width = max(len(ids) for ids, _ in rows)
-    completion_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, C)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, C)
-    policy_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, C)
-    for i, (ids, flags) in enumerate(rows):
-        completion_ids[i, :len(ids)] = torch.tensor(ids)
-        completion_mask[i, :len(ids)] = 1
-        policy_mask[i, :len(ids)] = torch.tensor(flags)
+    completion_ids = pad_right([ids for ids, _ in rows], tokenizer.pad_token_id)  # (B, C)
+    completion_mask = pad_right([[1] * len(ids) for ids, _ in rows])  # (B, C)
+    policy_mask = pad_right([flags for _, flags in rows])  # (B, C)
     return enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask, policy_mask

@@ -142,13 +142,9 @@ class HFEngine:
         """One segment per context (token ids, unpadded): its new ids, up to and including the first stop id
         and at most budgets[i] of them, and their logprobs. The multi-turn loop's sampler
         (common/environment.py); one `generate` call samples every row."""
-        L = max(map(len, contexts))
-        input_ids = torch.full((len(contexts), L), self.tokenizer.pad_token_id, dtype=torch.long)  # (B, L) left-padded
-        attention_mask = torch.zeros((len(contexts), L), dtype=torch.long)  # (B, L)
-        for i, ids in enumerate(contexts):
-            input_ids[i, L - len(ids):], attention_mask[i, L - len(ids):] = torch.tensor(ids), 1
-        new_ids, logprobs = sample_hf(self.model, self.tokenizer, input_ids.to(self.device),
-                                      attention_mask.to(self.device), temperature, max(budgets), top_p, stop_ids)
+        enc = self.tokenizer.pad({"input_ids": contexts}, padding_side="left", return_tensors="pt").to(self.device)
+        new_ids, logprobs = sample_hf(self.model, self.tokenizer, enc["input_ids"], enc["attention_mask"],
+                                      temperature, max(budgets), top_p, stop_ids)  # (B, C) each
         is_stop = torch.isin(new_ids, torch.tensor(stop_ids, device=new_ids.device)).tolist()  # (B, C)
         out = []
         for i, budget in enumerate(budgets):

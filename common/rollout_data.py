@@ -104,6 +104,14 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return mask, is_eos
 
 
+def pad_right(rows: list[list], value=0, dtype=torch.long) -> torch.Tensor:
+    """Rows of different lengths as one (B, max length) tensor, right-padded with `value` (width >= 1)."""
+    out = torch.full((len(rows), max([1, *map(len, rows)])), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
 def _pad_to(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
     pad = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
     return torch.cat([pad, x] if left else [x, pad], dim=1)

@@ -44,6 +44,7 @@ import torch
 from datasets import Dataset
 
 from common.environment import ToolEnvironment, calc
+from common.rollout_data import pad_right
 
 
 @dataclass
@@ -556,10 +557,6 @@ def encode_demonstrations(tokenizer, prompts: list[str], completions: list[str],
     completion_tokens = [
         (tokenizer(c, add_special_tokens=False)["input_ids"] + [eos_id])[:max_completion_len] for c in completions
     ]
-    width = max(len(t) for t in completion_tokens)
-    completion_ids = torch.full((len(completions), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, C)
-    completion_mask = torch.zeros((len(completions), width), dtype=torch.long)  # (B, C)
-    for i, tokens in enumerate(completion_tokens):
-        completion_ids[i, : len(tokens)] = torch.tensor(tokens)
-        completion_mask[i, : len(tokens)] = 1
+    completion_ids = pad_right(completion_tokens, tokenizer.pad_token_id)  # (B, C)
+    completion_mask = pad_right([[1] * len(t) for t in completion_tokens])  # (B, C)
     return enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask

@@ -53,7 +53,7 @@ import os
 import torch
 
 from common import distributed
-from common.rollout_data import Rollout, completion_mask_from_ids
+from common.rollout_data import Rollout, completion_mask_from_ids, pad_right
 
 MIN_VLLM, MAX_VLLM = (0, 16), (0, 33)  # supported: MIN_VLLM <= (major, minor) < MAX_VLLM, as in pyproject
 
@@ -181,12 +181,8 @@ class VLLMEngine:
                 tokens.append(ids)
                 logprobs.append([pos[t].logprob for t, pos in zip(ids, sample.logprobs)])
         # 2. right-pad to the longest completion (C), as generate's output is
-        B, C = len(tokens), max(len(t) for t in tokens)
-        completion_ids = torch.full((B, C), self.pad_token_id, dtype=torch.long)  # (B, C)
-        sampler_logprobs = torch.zeros((B, C), dtype=torch.float32)  # (B, C)
-        for i, (ids, lps) in enumerate(zip(tokens, logprobs)):
-            completion_ids[i, : len(ids)] = torch.tensor(ids)
-            sampler_logprobs[i, : len(lps)] = torch.tensor(lps)
+        completion_ids = pad_right(tokens, self.pad_token_id)  # (B, C)
+        sampler_logprobs = pad_right(logprobs, 0.0, torch.float32)  # (B, C)
         # 3. mask up to and including the first EOS, then the same post-processing as generate_hf
         completion_mask, is_eos = completion_mask_from_ids(completion_ids, self.eos_ids)  # (B, C), (B,)
         completion_ids = completion_ids.masked_fill(completion_mask == 0, self.pad_token_id)
