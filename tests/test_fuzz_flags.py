@@ -46,11 +46,11 @@ SKIP = {
     "track": "logs to Weights & Biases: a network login and files outside the temp folder",
     "wandb_project": "read only with --track",
 }
-# Counts whose large values make a run legitimately long (1e9 prompts, samples, tokens or layers):
-# drawn from small edge values only.
+# Counts whose large values make a run legitimately long (1e9 prompts, samples, tokens, layers or batches):
+# drawn from small edge values only. value_warmup_steps is ppo.py's count of critic-only batches before step 1.
 SMALL = {"total_steps", "num_prompts", "group_size", "batch_size", "max_new_tokens", "num_eval_prompts",
          "num_eval_samples", "num_epochs", "num_minibatches", "max_resample_rounds", "tiny_hidden_size",
-         "tiny_num_layers", "lora_rank", "eval_every", "num_pair_prompts"}
+         "tiny_num_layers", "lora_rank", "eval_every", "num_pair_prompts", "value_warmup_steps"}
 # Values of str flags worth trying beyond "" and an unknown one. No real GPU (--device cuda), no absolute
 # or hub paths (a run stays on the CPU, offline and inside its temp folder), no qwen2-tiny:random (its
 # BPE model takes 30-120 s for two steps on 2 cores).
